@@ -1,0 +1,1 @@
+//! strata-drivers: block drivers.

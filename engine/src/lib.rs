@@ -1,0 +1,34 @@
+//! strata-engine: the runtime every other part of Strata stands on.
+//!
+//! ```text
+//!               Engine (one per process)
+//!                 | start(cores, poll mode)
+//!      +----------+-----------+
+//!   reactor 0   reactor 1   reactor N     one pinned thread per core
+//!   +--------+  +--------+                 each: io_uring + executor + timers + inbox
+//!   | ring   |  | ring   |
+//!   | tasks  |  | tasks  |   tasks hold Handles:  Handle --check--> dyn Queue (per reactor)
+//!   | inbox  |  | inbox  |                                         ^ opened from
+//!   +--------+  +--------+                          Arc<dyn Driver> (one per node)
+//! ```
+//!
+//! - [`reactor`]: reactors, the executor, the ring (with the ownership rules for memory
+//!   shared with the kernel), messages and replies, timers, poll modes.
+//! - [`request`]: [`Request`] / [`Completion`]: owned requests that complete exactly once.
+//! - [`driver`]: the [`Driver`] / [`Queue`] interface and the request checks.
+//! - [`buffer`]: aligned buffers pooled per reactor.
+//! - [`cpuset`]: which CPUs get a reactor.
+
+pub mod buffer;
+pub mod cpuset;
+pub mod driver;
+pub mod errno;
+pub mod reactor;
+pub mod request;
+
+pub use buffer::Buffer;
+pub use cpuset::CpuSet;
+pub use driver::{Driver, DriverInfo, Handle, IoFuture, Queue};
+pub use errno::Errno;
+pub use reactor::{Engine, EngineConfig, PollMode};
+pub use request::{Completion, Extent, ExtentState, Op, OpSet, ReqFlags, Request};

@@ -1,0 +1,495 @@
+//! The reactor's io_uring and the rules for memory shared with the kernel.
+//!
+//! # Ownership essay
+//!
+//! io_uring lets the kernel read and write our memory *after* the system call that
+//! submitted the operation has returned, until the operation's completion (CQE) is
+//! reaped. Rust's borrow checker knows nothing of that window, so the rules are kept
+//! here, by construction, rather than by callers' care:
+//!
+//! 1. **An in-flight operation owns everything the kernel may touch.** Submitting an
+//!    operation moves its resources (a [`Buffer`](crate::buffer::Buffer), a path, an
+//!    `iovec`) into a [`RingOp`]. Nothing else can reach them until the op's future
+//!    resolves, and it resolves only after the CQE is reaped, handing the resources back
+//!    with the result. No operation borrows memory.
+//! 2. **Dropping the future does not end the operation.** If a [`RingOp`] is dropped while
+//!    in flight (a task was cancelled, a connection closed), its resources move into the
+//!    op's slot in the ring ("abandoned") and are freed when the CQE finally arrives.
+//!    Cancelling is a separate, explicit request to the kernel; it too ends with a CQE.
+//! 3. **Dropping the ring waits for every in-flight completion.** [`Ring`]'s `Drop` asks the
+//!    kernel to cancel everything still in flight, then reaps until no operation is left,
+//!    and only then frees slots and unmaps the ring. Memory the kernel may still write is
+//!    never freed first.
+//! 4. **A failed submission hands the request back.** If the submission queue is full the
+//!    ring first submits what is queued to make room; an op is never silently lost.
+//! 5. **One thread.** A ring belongs to the reactor thread that created it
+//!    (`IORING_SETUP_SINGLE_ISSUER`); [`RingOp`] and [`FixedFile`] are `!Send`.
+//!
+//! Every `unsafe` push below relies on rule 1: the pointers in the submission entry point
+//! into resources owned by the op, which rule 2 and 3 keep alive until the CQE.
+//!
+//! # Slots
+//!
+//! Each in-flight op has a slot; the slot index is the SQE's `user_data`. A slot is
+//! `Waiting` (with the waker of the task that awaits it), `Done` (CQE reaped, result not
+//! yet collected) or `Abandoned` (its future is gone; it keeps the resources alive).
+//! Reserved `user_data` values above [`MAX_SLOTS`] mark the reactor's own operations:
+//! the inbox eventfd read and cancellations.
+
+use crate::errno::Errno;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use std::any::Any;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+/// Most operations in flight on one ring.
+pub const MAX_SLOTS: u64 = 1 << 32;
+const EVENTFD_TOKEN: u64 = u64::MAX;
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// Registered-file table size per ring.
+pub const FIXED_FILES: u32 = 1024;
+
+enum Slot {
+    Free,
+    Waiting(Option<Waker>),
+    Done(i32),
+    Abandoned(#[allow(dead_code)] Box<dyn Any>),
+}
+
+/// How the ring was set up (the fastest set the kernel accepted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingFlavor {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG`: completions are processed only when
+    /// the reactor enters the kernel, in batches, with no inter-processor interrupts.
+    DeferTaskrun,
+    /// Plain ring (older kernels).
+    Plain,
+}
+
+/// One reactor's io_uring plus its slot table.
+pub(crate) struct Ring {
+    uring: IoUring,
+    flavor: RingFlavor,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    inflight: usize,
+    /// Internal ops (eventfd read, cancels) in flight.
+    internal: usize,
+    eventfd: RawFd,
+    /// Target of the armed eventfd read; boxed so its address is stable.
+    eventfd_buf: Box<u64>,
+    eventfd_armed: bool,
+    /// Set by Drop: no more re-arming of the eventfd read.
+    closing: bool,
+    fixed_free: Vec<u32>,
+    fixed_ok: bool,
+}
+
+impl Ring {
+    pub(crate) fn new(entries: u32, eventfd: RawFd) -> std::io::Result<Ring> {
+        let cq = entries.saturating_mul(4);
+        let (uring, flavor) = match IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_clamp()
+            .build(entries)
+        {
+            Ok(u) => (u, RingFlavor::DeferTaskrun),
+            Err(_) => (IoUring::builder().setup_cqsize(cq).setup_clamp().build(entries)?, RingFlavor::Plain),
+        };
+        let fixed_ok = uring.submitter().register_files_sparse(FIXED_FILES).is_ok();
+        let mut ring = Ring {
+            uring,
+            flavor,
+            slots: Vec::new(),
+            free: Vec::new(),
+            inflight: 0,
+            internal: 0,
+            eventfd,
+            eventfd_buf: Box::new(0),
+            eventfd_armed: false,
+            closing: false,
+            fixed_free: if fixed_ok { (0..FIXED_FILES).rev().collect() } else { Vec::new() },
+            fixed_ok,
+        };
+        ring.arm_eventfd();
+        Ok(ring)
+    }
+
+    pub(crate) fn flavor(&self) -> RingFlavor {
+        self.flavor
+    }
+
+    /// Ops in flight (not counting the reactor's own eventfd read).
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    fn arm_eventfd(&mut self) {
+        if self.eventfd_armed || self.closing {
+            return;
+        }
+        let entry = opcode::Read::new(types::Fd(self.eventfd), (&mut *self.eventfd_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(EVENTFD_TOKEN);
+        // SAFETY: eventfd_buf is a Box owned by the ring; Drop cancels and reaps this read
+        // before the box is freed (ownership rule 3).
+        unsafe { self.push(&entry) };
+        self.eventfd_armed = true;
+        self.internal += 1;
+    }
+
+    /// Queues an entry, submitting what is queued first if the queue is full.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid until its CQE is reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: forwarded to our caller.
+            if unsafe { self.uring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            // Queue full: hand what is queued to the kernel to make room.
+            match self.uring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {
+                    // CQ overflow back-pressure: reap to make room, then retry.
+                    self.uring.submit_and_wait(1).ok();
+                }
+                Err(e) => panic!("BUG: io_uring_enter failed while submitting: {e}"),
+            }
+        }
+    }
+
+    /// Starts an op: pushes `entry` tagged with a fresh slot.
+    ///
+    /// # Safety
+    /// `entry`'s pointers must stay valid until the CQE: they must point into the
+    /// resources the returned slot's [`RingOp`] owns, or into memory that lives longer.
+    pub(crate) unsafe fn start(&mut self, entry: squeue::Entry) -> u32 {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot::Free);
+                u32::try_from(self.slots.len() - 1).expect("BUG: slot table overflow")
+            }
+        };
+        self.slots[slot as usize] = Slot::Waiting(None);
+        self.inflight += 1;
+        // SAFETY: forwarded to our caller.
+        unsafe { self.push(&entry.user_data(u64::from(slot))) };
+        slot
+    }
+
+    /// Collects a finished op's result, or records the waker to call when it finishes.
+    fn poll_slot(&mut self, slot: u32, waker: &Waker) -> Poll<i32> {
+        let s = &mut self.slots[slot as usize];
+        match s {
+            Slot::Done(res) => {
+                let res = *res;
+                *s = Slot::Free;
+                self.free.push(slot);
+                Poll::Ready(res)
+            }
+            Slot::Waiting(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *w = Some(waker.clone());
+                }
+                Poll::Pending
+            }
+            Slot::Free | Slot::Abandoned(_) => panic!("BUG: polled ring slot {slot} in a wrong state"),
+        }
+    }
+
+    /// The op's future was dropped: keep `keep` alive until the CQE (rule 2).
+    fn abandon(&mut self, slot: u32, keep: Box<dyn Any>) {
+        let s = &mut self.slots[slot as usize];
+        match s {
+            Slot::Done(_) => {
+                *s = Slot::Free;
+                self.free.push(slot);
+            }
+            Slot::Waiting(_) => *s = Slot::Abandoned(keep),
+            Slot::Free | Slot::Abandoned(_) => panic!("BUG: abandoned ring slot {slot} twice"),
+        }
+    }
+
+    /// Whether the kernel holds deferred completions that need an enter to be posted.
+    fn needs_enter(&mut self) -> bool {
+        let mut sq = self.uring.submission();
+        sq.sync();
+        !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+    }
+
+    /// Submits queued entries (if any or if completions are pending in the kernel).
+    pub(crate) fn submit(&mut self) {
+        if self.needs_enter() {
+            self.enter(0, None);
+        }
+    }
+
+    /// Submits and sleeps until at least one completion, or `timeout`.
+    pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) {
+        self.enter(1, timeout);
+    }
+
+    fn enter(&mut self, want: usize, timeout: Option<Duration>) {
+        let result = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.uring.submitter().submit_with_args(want, &args)
+            }
+            None => self.uring.submitter().submit_and_wait(want),
+        };
+        if let Err(e) = result {
+            match e.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {}
+                _ => panic!("BUG: io_uring_enter failed: {e}"),
+            }
+        }
+    }
+
+    /// Reaps every available completion, waking the tasks that wait for them. Returns
+    /// the number of completions and whether the inbox eventfd fired.
+    pub(crate) fn reap(&mut self) -> (usize, bool) {
+        let mut n = 0;
+        let mut eventfd_fired = false;
+        let mut woken: Vec<Waker> = Vec::new();
+        {
+            let cq = self.uring.completion();
+            for cqe in cq {
+                n += 1;
+                match cqe.user_data() {
+                    EVENTFD_TOKEN => {
+                        self.internal -= 1;
+                        self.eventfd_armed = false;
+                        eventfd_fired = true;
+                    }
+                    CANCEL_TOKEN => self.internal -= 1,
+                    slot => {
+                        let s = &mut self.slots[slot as usize];
+                        self.inflight -= 1;
+                        match std::mem::replace(s, Slot::Done(cqe.result())) {
+                            Slot::Waiting(Some(w)) => woken.push(w),
+                            Slot::Waiting(None) => {}
+                            Slot::Abandoned(keep) => {
+                                *s = Slot::Free;
+                                self.free.push(slot as u32);
+                                drop(keep);
+                            }
+                            Slot::Free | Slot::Done(_) => panic!("BUG: completion for idle slot {slot}"),
+                        }
+                    }
+                }
+                let _ = cqueue::more(cqe.flags());
+            }
+        }
+        for w in woken {
+            w.wake();
+        }
+        if eventfd_fired {
+            self.arm_eventfd();
+        }
+        (n, eventfd_fired)
+    }
+
+    /// Registers `fd` in this ring's file table.
+    pub(crate) fn register_file(&mut self, fd: RawFd) -> Result<u32, Errno> {
+        if !self.fixed_ok {
+            return Err(Errno::ENOTSUP);
+        }
+        let index = self.fixed_free.pop().ok_or(Errno::ENOSPC)?;
+        match self.uring.submitter().register_files_update(index, &[fd]) {
+            Ok(_) => Ok(index),
+            Err(e) => {
+                self.fixed_free.push(index);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) fn unregister_file(&mut self, index: u32) {
+        // Ops already submitted hold their own reference to the file: removing the table
+        // entry is safe while they are in flight.
+        if self.uring.submitter().register_files_update(index, &[-1]).is_ok() {
+            self.fixed_free.push(index);
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.closing = true;
+        if self.inflight + self.internal > 0 {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL_TOKEN);
+            // SAFETY: a cancel carries no pointers.
+            unsafe { self.push(&cancel) };
+            self.internal += 1;
+        }
+        while self.inflight + self.internal > 0 {
+            self.enter(1, Some(Duration::from_millis(100)));
+            self.reap();
+        }
+        // Every CQE is reaped: resources of abandoned ops are freed, eventfd_buf is free.
+    }
+}
+
+// ---- ops offered to drivers ----------------------------------------------------------
+
+/// A file as an op target: a plain descriptor or an index in the ring's file table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Fd(RawFd),
+    Fixed(u32),
+}
+
+macro_rules! with_target {
+    ($target:expr, |$t:ident| $body:expr) => {
+        match $target {
+            Target::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $body
+            }
+            Target::Fixed(i) => {
+                let $t = types::Fixed(i);
+                $body
+            }
+        }
+    };
+}
+
+/// The future of one ring operation. Resolves to the raw CQE result (`>= 0` or
+/// `-errno`) and gives back the resources it owned.
+pub struct RingOp<T: 'static> {
+    slot: u32,
+    keep: Option<T>,
+    done: bool,
+    _not_send: PhantomData<Rc<()>>,
+}
+
+impl<T: 'static> RingOp<T> {
+    /// Starts an arbitrary operation on the current reactor's ring.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must point into `keep` (which the op owns until its
+    /// completion) or into memory that outlives the completion. The caller must be on a
+    /// reactor thread.
+    pub unsafe fn start(entry: squeue::Entry, keep: T) -> RingOp<T> {
+        // SAFETY: forwarded to our caller.
+        let slot = super::with_ring(|ring| unsafe { ring.start(entry) });
+        RingOp { slot, keep: Some(keep), done: false, _not_send: PhantomData }
+    }
+}
+
+impl<T: 'static> Future for RingOp<T> {
+    type Output = (i32, T);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, T)> {
+        // SAFETY: RingOp is not structurally pinned: no field is ever pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        let res = std::task::ready!(super::with_ring(|ring| ring.poll_slot(this.slot, cx.waker())));
+        this.done = true;
+        Poll::Ready((res, this.keep.take().expect("BUG: RingOp polled after completion")))
+    }
+}
+
+impl<T: 'static> Drop for RingOp<T> {
+    fn drop(&mut self) {
+        if !self.done {
+            let keep: Box<dyn Any> = Box::new(self.keep.take());
+            super::try_with_ring(|ring| ring.abandon(self.slot, keep));
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for RingOp<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingOp").field("slot", &self.slot).field("done", &self.done).finish()
+    }
+}
+
+/// Converts a CQE result into a byte count or an errno.
+pub fn cqe_result(res: i32) -> Result<usize, Errno> {
+    if res < 0 { Err(Errno::from_cqe(res)) } else { Ok(res as usize) }
+}
+
+use crate::buffer::Buffer;
+
+/// Reads up to `buf.len()` bytes at `offset` (one `IORING_OP_READ`; may be short).
+pub fn read_at(target: Target, mut buf: Buffer, offset: u64) -> RingOp<Buffer> {
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let ptr = buf.as_mut_ptr();
+    let entry = with_target!(target, |t| opcode::Read::new(t, ptr, len).offset(offset).build());
+    // SAFETY: the entry points into `buf`, which the op owns until its completion.
+    unsafe { RingOp::start(entry, buf) }
+}
+
+/// Writes `buf` at `offset` (one `IORING_OP_WRITE`; may be short). `rw_flags` are
+/// `RWF_*` flags, e.g. `RWF_DSYNC` for a FUA write.
+pub fn write_at(target: Target, buf: Buffer, offset: u64, rw_flags: i32) -> RingOp<Buffer> {
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let ptr = buf.as_ptr();
+    let entry = with_target!(target, |t| opcode::Write::new(t, ptr, len).offset(offset).rw_flags(rw_flags).build());
+    // SAFETY: the entry points into `buf`, which the op owns until its completion.
+    unsafe { RingOp::start(entry, buf) }
+}
+
+/// `fsync` (or `fdatasync` with `datasync`).
+pub fn fsync(target: Target, datasync: bool) -> RingOp<()> {
+    let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+    let entry = with_target!(target, |t| opcode::Fsync::new(t).flags(flags).build());
+    // SAFETY: fsync carries no pointers.
+    unsafe { RingOp::start(entry, ()) }
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(target: Target, mode: i32, offset: u64, len: u64) -> RingOp<()> {
+    let entry = with_target!(target, |t| opcode::Fallocate::new(t, len).offset(offset).mode(mode).build());
+    // SAFETY: fallocate carries no pointers.
+    unsafe { RingOp::start(entry, ()) }
+}
+
+/// Sleeps on the ring (an `IORING_OP_TIMEOUT`): used by tests of the ring itself.
+pub fn timeout(d: Duration) -> RingOp<Box<types::Timespec>> {
+    let ts = Box::new(types::Timespec::from(d));
+    let entry = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+    // SAFETY: the entry points into the boxed timespec, which the op owns.
+    unsafe { RingOp::start(entry, ts) }
+}
+
+/// A file registered in the current reactor's ring; unregistered on drop. `!Send`: the
+/// index means nothing on another ring.
+#[derive(Debug)]
+pub struct FixedFile {
+    index: u32,
+    _not_send: PhantomData<Rc<()>>,
+}
+
+impl FixedFile {
+    /// Registers `fd` with the current reactor's ring. `fd` must stay open while this
+    /// lives (the ring holds its own reference to the open file, so an early close is not
+    /// unsound, but the index would then name the old file).
+    pub fn register(fd: RawFd) -> Result<FixedFile, Errno> {
+        let index = super::with_ring(|ring| ring.register_file(fd))?;
+        Ok(FixedFile { index, _not_send: PhantomData })
+    }
+
+    pub fn target(&self) -> Target {
+        Target::Fixed(self.index)
+    }
+}
+
+impl Drop for FixedFile {
+    fn drop(&mut self) {
+        super::try_with_ring(|ring| ring.unregister_file(self.index));
+    }
+}
+
