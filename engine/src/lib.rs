@@ -23,6 +23,7 @@ pub mod buffer;
 pub mod cpuset;
 pub mod driver;
 pub mod errno;
+pub mod error;
 pub mod reactor;
 pub mod request;
 
@@ -30,5 +31,6 @@ pub use buffer::Buffer;
 pub use cpuset::CpuSet;
 pub use driver::{Driver, DriverInfo, Handle, IoFuture, Queue};
 pub use errno::Errno;
+pub use error::{Error, ErrorKind};
 pub use reactor::{Engine, EngineConfig, PollMode};
 pub use request::{Completion, Extent, ExtentState, Op, OpSet, ReqFlags, Request};

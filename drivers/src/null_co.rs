@@ -1,0 +1,100 @@
+//! `null-co`: a node that stores nothing (QEMU's null-co, SPDK's null bdev).
+//!
+//! Options as QEMU: `size` (default 1 GiB), `read-zeroes` (default off: reads leave the
+//! buffer as it was, the cheapest possible read), `latency-ns` (delay every request by
+//! this long, on the reactor's timers). Every op succeeds; block-status reports the whole
+//! range as zero when `read-zeroes` is on, else as data.
+
+use crate::options;
+use serde::Deserialize;
+use std::time::Duration;
+use strata_engine::reactor;
+use strata_engine::{Completion, Driver, DriverInfo, Errno, Extent, ExtentState, IoFuture, Op, OpSet, Queue, Request};
+
+/// `null-co` options.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NullOptions {
+    #[serde(default = "default_size", deserialize_with = "options::size")]
+    pub size: u64,
+    #[serde(default, deserialize_with = "options::boolean")]
+    pub read_zeroes: bool,
+    #[serde(default, deserialize_with = "options::number")]
+    pub latency_ns: u64,
+}
+
+fn default_size() -> u64 {
+    1 << 30
+}
+
+/// A `null-co` node.
+#[derive(Debug)]
+pub struct NullCo {
+    opts: NullOptions,
+}
+
+impl NullCo {
+    pub fn new(opts: NullOptions) -> NullCo {
+        NullCo { opts }
+    }
+}
+
+impl Driver for NullCo {
+    fn driver_name(&self) -> &'static str {
+        "null-co"
+    }
+
+    fn info(&self) -> DriverInfo {
+        DriverInfo {
+            size: self.opts.size,
+            request_alignment: 1,
+            max_transfer: 1 << 30,
+            ops: OpSet::all(),
+            read_only: false,
+        }
+    }
+
+    fn open_queue(&self) -> Result<Box<dyn Queue>, Errno> {
+        Ok(Box::new(NullQueue {
+            read_zeroes: self.opts.read_zeroes,
+            latency: (self.opts.latency_ns > 0).then(|| Duration::from_nanos(self.opts.latency_ns)),
+        }))
+    }
+}
+
+struct NullQueue {
+    read_zeroes: bool,
+    latency: Option<Duration>,
+}
+
+impl NullQueue {
+    fn complete(&self, mut req: Request) -> Request {
+        match req.op {
+            Op::Read if self.read_zeroes => {
+                if let Some(buf) = req.buf.as_mut() {
+                    buf.fill(0);
+                }
+            }
+            Op::BlockStatus => {
+                let state = ExtentState { allocated: true, zero: self.read_zeroes, data: !self.read_zeroes };
+                req.extents.push(Extent { offset: req.offset, len: req.len, state });
+            }
+            _ => {}
+        }
+        req
+    }
+}
+
+impl Queue for NullQueue {
+    #[inline]
+    fn submit(&self, req: Request) -> IoFuture {
+        let req = self.complete(req);
+        match self.latency {
+            None => IoFuture::ready(req, Ok(())),
+            Some(d) => IoFuture::pending(async move {
+                reactor::sleep(d).await;
+                Completion::ok(req)
+            }),
+        }
+    }
+}
