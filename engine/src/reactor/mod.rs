@@ -19,11 +19,13 @@
 //! Code running on a reactor reaches it through free functions ([`spawn`], [`sleep`],
 //! [`id`], the ops in [`ring`]); they panic with a `BUG:` message when called elsewhere.
 
+mod blocking;
 pub mod executor;
 mod inbox;
 pub mod ring;
 mod timer;
 
+pub use blocking::blocking;
 pub use executor::{coop, yield_now};
 pub use inbox::{Canceled, Message, Replier, Reply, reply_pair};
 pub use ring::RingFlavor;
