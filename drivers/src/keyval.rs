@@ -41,13 +41,15 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut chars = s.chars().peekable();
     while chars.peek().is_some() {
         let mut key = String::new();
-        let mut value = None;
+        let mut value: Option<String> = None;
         loop {
             match chars.next() {
                 None => break,
-                Some(',') if value.is_some() && chars.peek() == Some(&',') => {
+                Some(',') if chars.peek() == Some(&',') && value.is_some() => {
                     chars.next();
-                    value.as_mut().map(|v: &mut String| v.push(','));
+                    if let Some(v) = value.as_mut() {
+                        v.push(',');
+                    }
                 }
                 Some(',') => break,
                 Some('=') if value.is_none() => value = Some(String::new()),

@@ -54,7 +54,11 @@ impl Buffer {
             .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.take(cap)))
             .ok()
             .flatten()
-            .map(|raw| Buffer { ptr: raw.ptr, len: 0, cap: raw.cap })
+            .map(|raw| Buffer {
+                ptr: raw.ptr,
+                len: 0,
+                cap: raw.cap,
+            })
             .unwrap_or_else(|| Buffer::alloc(cap));
         buf.len = len;
         buf
@@ -99,7 +103,11 @@ impl Buffer {
     /// Panics if `len` exceeds the capacity: that is a caller bug, never reachable from
     /// outside because requests are checked against the node's limits first.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "BUG: buffer length {len} beyond capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "BUG: buffer length {len} beyond capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 
@@ -140,7 +148,10 @@ impl DerefMut for Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let raw = RawBuf { ptr: self.ptr, cap: self.cap };
+        let raw = RawBuf {
+            ptr: self.ptr,
+            cap: self.cap,
+        };
         let rejected = POOL
             .try_with(|p| match p.try_borrow_mut() {
                 Ok(mut pool) => pool.give(raw),
@@ -171,7 +182,10 @@ impl RawBuf {
 
 impl fmt::Debug for Buffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Buffer").field("len", &self.len).field("cap", &self.cap).finish()
+        f.debug_struct("Buffer")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
     }
 }
 
@@ -187,7 +201,10 @@ struct Pool {
 
 impl Pool {
     const fn new() -> Pool {
-        Pool { classes: [const { Vec::new() }; NUM_CLASSES], bytes: 0 }
+        Pool {
+            classes: [const { Vec::new() }; NUM_CLASSES],
+            bytes: 0,
+        }
     }
 
     fn class(cap: usize) -> Option<usize> {
@@ -243,7 +260,11 @@ mod tests {
         let p = b.as_ptr();
         drop(b);
         let again = Buffer::new(8000);
-        assert_eq!(again.as_ptr(), p, "same size class should come from the pool");
+        assert_eq!(
+            again.as_ptr(),
+            p,
+            "same size class should come from the pool"
+        );
     }
 
     #[test]

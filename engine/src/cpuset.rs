@@ -16,7 +16,8 @@ impl CpuSet {
         // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: we pass the size of the set we own.
-        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
         if rc != 0 {
             return CpuSet { cpus: vec![0] };
         }
@@ -42,14 +43,18 @@ impl CpuSet {
     pub fn parse(s: &str) -> Result<CpuSet, String> {
         let s = s.trim();
         if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-            let mask = u128::from_str_radix(hex, 16).map_err(|_| format!("bad CPU mask '{s}': expected hex like 0x3"))?;
+            let mask = u128::from_str_radix(hex, 16)
+                .map_err(|_| format!("bad CPU mask '{s}': expected hex like 0x3"))?;
             let cpus: Vec<usize> = (0..128).filter(|i| mask & (1u128 << i) != 0).collect();
             if cpus.is_empty() {
                 return Err(format!("CPU mask '{s}' selects no CPU"));
             }
             return Ok(CpuSet { cpus });
         }
-        let inner = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+        let inner = s
+            .strip_prefix('[')
+            .and_then(|x| x.strip_suffix(']'))
+            .unwrap_or(s);
         let mut cpus = Vec::new();
         for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let bad = || format!("bad CPU list '{s}': expected e.g. 0,1 or 0-3");
@@ -75,7 +80,9 @@ impl CpuSet {
     pub fn check_allowed(&self) -> Result<(), String> {
         let allowed = CpuSet::allowed();
         match self.cpus.iter().find(|c| !allowed.cpus.contains(c)) {
-            Some(c) => Err(format!("CPU {c} is not available to this process (allowed: {allowed})")),
+            Some(c) => Err(format!(
+                "CPU {c} is not available to this process (allowed: {allowed})"
+            )),
             None => Ok(()),
         }
     }
@@ -94,7 +101,11 @@ impl CpuSet {
 
     /// The SPDK-style mask (`0x3`) for display.
     pub fn mask(&self) -> String {
-        let mask = self.cpus.iter().filter(|&&c| c < 128).fold(0u128, |m, &c| m | (1 << c));
+        let mask = self
+            .cpus
+            .iter()
+            .filter(|&&c| c < 128)
+            .fold(0u128, |m, &c| m | (1 << c));
         format!("{mask:#x}")
     }
 }

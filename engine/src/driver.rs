@@ -151,7 +151,10 @@ pub struct Handle {
 impl Handle {
     /// Opens `driver`'s queue on the current reactor.
     pub fn open(driver: &dyn Driver) -> Result<Handle, Errno> {
-        Ok(Handle { info: driver.info(), queue: driver.open_queue()? })
+        Ok(Handle {
+            info: driver.info(),
+            queue: driver.open_queue()?,
+        })
     }
 
     pub fn info(&self) -> &DriverInfo {
@@ -173,7 +176,9 @@ impl Handle {
 
 impl fmt::Debug for Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Handle").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Handle")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -196,23 +201,47 @@ mod tests {
     fn check_rejects_each_bad_request_with_its_errno() {
         let i = info();
         assert_eq!(check(&i, &Request::read(0, Buffer::new(512))), Ok(()));
-        assert_eq!(check(&i, &Request::read(1, Buffer::new(512))), Err(Errno::EINVAL));
-        assert_eq!(check(&i, &Request::read(0, Buffer::new(100))), Err(Errno::EINVAL));
-        assert_eq!(check(&i, &Request::read(1 << 20, Buffer::new(512))), Err(Errno::EINVAL));
         assert_eq!(
-            check(&i, &Request::write((1 << 20) - 512, Buffer::new(1024), ReqFlags::NONE)),
+            check(&i, &Request::read(1, Buffer::new(512))),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            check(&i, &Request::read(0, Buffer::new(100))),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            check(&i, &Request::read(1 << 20, Buffer::new(512))),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            check(
+                &i,
+                &Request::write((1 << 20) - 512, Buffer::new(1024), ReqFlags::NONE)
+            ),
             Err(Errno::ENOSPC)
         );
-        assert_eq!(check(&i, &Request::read(0, Buffer::new(1 << 17))), Err(Errno::EINVAL));
+        assert_eq!(
+            check(&i, &Request::read(0, Buffer::new(1 << 17))),
+            Err(Errno::EINVAL)
+        );
         assert_eq!(check(&i, &Request::discard(0, 512)), Err(Errno::ENOTSUP));
         assert_eq!(
             check(&i, &Request::write(0, Buffer::new(512), ReqFlags::FUA)),
             Err(Errno::ENOTSUP)
         );
-        assert_eq!(check(&i, &Request::write_zeroes(u64::MAX, 2, ReqFlags::NONE)), Err(Errno::EINVAL));
+        assert_eq!(
+            check(&i, &Request::write_zeroes(u64::MAX, 2, ReqFlags::NONE)),
+            Err(Errno::EINVAL)
+        );
         // Zeroes need no alignment: drivers handle byte ranges.
-        assert_eq!(check(&i, &Request::write_zeroes(3, 5, ReqFlags::NONE)), Ok(()));
-        let ro = DriverInfo { read_only: true, ..i };
+        assert_eq!(
+            check(&i, &Request::write_zeroes(3, 5, ReqFlags::NONE)),
+            Ok(())
+        );
+        let ro = DriverInfo {
+            read_only: true,
+            ..i
+        };
         assert_eq!(
             check(&ro, &Request::write(0, Buffer::new(512), ReqFlags::NONE)),
             Err(Errno::EPERM)

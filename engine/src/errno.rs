@@ -28,7 +28,11 @@ impl Errno {
 
     /// The errno of the last failed libc call on this thread.
     pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 
     /// The symbolic name, for messages and JSON output (`"EINVAL"`).

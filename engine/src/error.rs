@@ -30,7 +30,11 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into(), errno: None }
+        Error {
+            kind,
+            message: message.into(),
+            errno: None,
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Error {
@@ -46,7 +50,11 @@ impl Error {
             libc::EINVAL => ErrorKind::InvalidArgument,
             _ => ErrorKind::Io,
         };
-        Error { kind, message: format!("{what}: {errno}"), errno: Some(errno) }
+        Error {
+            kind,
+            message: format!("{what}: {errno}"),
+            errno: Some(errno),
+        }
     }
 }
 

@@ -28,8 +28,14 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 6] =
-        [Op::Read, Op::Write, Op::WriteZeroes, Op::Discard, Op::Flush, Op::BlockStatus];
+    pub const ALL: [Op; 6] = [
+        Op::Read,
+        Op::Write,
+        Op::WriteZeroes,
+        Op::Discard,
+        Op::Flush,
+        Op::BlockStatus,
+    ];
 
     /// Whether the op changes the node's contents (refused on read-only nodes).
     pub fn is_write(self) -> bool {
@@ -104,7 +110,10 @@ pub struct OpSet {
 impl OpSet {
     /// Every op, with FUA.
     pub fn all() -> OpSet {
-        OpSet { ops: Op::ALL.iter().fold(0, |m, op| m | op.bit()), fua: true }
+        OpSet {
+            ops: Op::ALL.iter().fold(0, |m, op| m | op.bit()),
+            fua: true,
+        }
     }
 
     pub fn empty() -> OpSet {
@@ -137,8 +146,17 @@ impl OpSet {
 
 impl fmt::Debug for OpSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ops: Vec<_> = Op::ALL.iter().filter(|op| self.supports(**op)).map(|op| op.name()).collect();
-        write!(f, "OpSet({}{})", ops.join(","), if self.fua { ",fua" } else { "" })
+        let ops: Vec<_> = Op::ALL
+            .iter()
+            .filter(|op| self.supports(**op))
+            .map(|op| op.name())
+            .collect();
+        write!(
+            f,
+            "OpSet({}{})",
+            ops.join(","),
+            if self.fua { ",fua" } else { "" }
+        )
     }
 }
 
@@ -178,12 +196,25 @@ pub struct Request {
 
 impl Request {
     fn new(op: Op, offset: u64, len: u64, flags: ReqFlags, buf: Option<Buffer>) -> Request {
-        Request { op, offset, len, flags, buf, extents: Vec::new() }
+        Request {
+            op,
+            offset,
+            len,
+            flags,
+            buf,
+            extents: Vec::new(),
+        }
     }
 
     /// Read `buf.len()` bytes at `offset` into `buf`.
     pub fn read(offset: u64, buf: Buffer) -> Request {
-        Request::new(Op::Read, offset, buf.len() as u64, ReqFlags::NONE, Some(buf))
+        Request::new(
+            Op::Read,
+            offset,
+            buf.len() as u64,
+            ReqFlags::NONE,
+            Some(buf),
+        )
     }
 
     /// Write `buf` at `offset`.
@@ -222,10 +253,16 @@ pub struct Completion {
 
 impl Completion {
     pub fn ok(req: Request) -> Completion {
-        Completion { req, result: Ok(()) }
+        Completion {
+            req,
+            result: Ok(()),
+        }
     }
 
     pub fn err(req: Request, errno: Errno) -> Completion {
-        Completion { req, result: Err(errno) }
+        Completion {
+            req,
+            result: Err(errno),
+        }
     }
 }

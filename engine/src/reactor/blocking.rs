@@ -20,7 +20,10 @@ struct Pool {
     cond: Condvar,
 }
 
-static POOL: Pool = Pool { queue: Mutex::new((VecDeque::new(), 0, 0)), cond: Condvar::new() };
+static POOL: Pool = Pool {
+    queue: Mutex::new((VecDeque::new(), 0, 0)),
+    cond: Condvar::new(),
+};
 
 /// Runs `f` on a helper thread; await (on a reactor) or `wait()` (elsewhere) the result.
 pub fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Reply<R> {
@@ -30,7 +33,9 @@ pub fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Re
     q.0.push_back(job);
     if q.2 == 0 && q.1 < MAX_THREADS {
         q.1 += 1;
-        let spawned = std::thread::Builder::new().name("strata-blocking".into()).spawn(worker);
+        let spawned = std::thread::Builder::new()
+            .name("strata-blocking".into())
+            .spawn(worker);
         if spawned.is_err() {
             q.1 -= 1;
         }
@@ -63,7 +68,9 @@ mod tests {
     #[test]
     fn runs_the_call_elsewhere_and_replies() {
         let here = std::thread::current().id();
-        let there = blocking(move || std::thread::current().id()).wait().unwrap();
+        let there = blocking(move || std::thread::current().id())
+            .wait()
+            .unwrap();
         assert_ne!(here, there);
         let rs: Vec<_> = (0..20).map(|i| blocking(move || i * 2)).collect();
         let sum: i32 = rs.into_iter().map(|r| r.wait().unwrap()).sum();

@@ -57,7 +57,12 @@ impl Executor {
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
             None => {
-                slots.push(Slot { generation: 0, scheduled: false, future: None, live: false });
+                slots.push(Slot {
+                    generation: 0,
+                    scheduled: false,
+                    future: None,
+                    live: false,
+                });
                 u32::try_from(slots.len() - 1).expect("BUG: more than 2^32 tasks")
             }
         };
@@ -95,7 +100,9 @@ impl Executor {
     pub(crate) fn run_ready(&self) -> usize {
         let n = self.ready.borrow().len();
         for _ in 0..n {
-            let Some(index) = self.ready.borrow_mut().pop_front() else { break };
+            let Some(index) = self.ready.borrow_mut().pop_front() else {
+                break;
+            };
             self.poll_task(index);
         }
         n
@@ -124,7 +131,10 @@ impl Executor {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                eprintln!("strata: a task on reactor gid {} panicked and was ended: {what}", self.gid);
+                eprintln!(
+                    "strata: a task on reactor gid {} panicked and was ended: {what}",
+                    self.gid
+                );
                 true
             }
         };
@@ -147,11 +157,14 @@ impl Executor {
     pub(crate) fn clear(&self) {
         let futures: Vec<_> = {
             let mut slots = self.slots.borrow_mut();
-            slots.iter_mut().filter_map(|s| {
-                s.live = false;
-                s.generation = s.generation.wrapping_add(1);
-                s.future.take()
-            }).collect()
+            slots
+                .iter_mut()
+                .filter_map(|s| {
+                    s.live = false;
+                    s.generation = s.generation.wrapping_add(1);
+                    s.future.take()
+                })
+                .collect()
         };
         drop(futures);
         self.ready.borrow_mut().clear();

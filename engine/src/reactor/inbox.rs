@@ -61,7 +61,11 @@ impl Inbox {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Inbox { queue: ArrayQueue::new(capacity.max(2)), eventfd, sleeping: AtomicBool::new(false) })
+        Ok(Inbox {
+            queue: ArrayQueue::new(capacity.max(2)),
+            eventfd,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
     pub(crate) fn eventfd(&self) -> RawFd {
@@ -99,9 +103,12 @@ impl Inbox {
         if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            let n = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let n =
+                unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
             // EAGAIN means the counter is saturated: the reactor is being woken anyway.
-            debug_assert!(n == 8 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN));
+            debug_assert!(
+                n == 8 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+            );
         }
     }
 
@@ -167,10 +174,20 @@ pub struct Replier<T> {
 /// A connected reply pair.
 pub fn reply_pair<T>() -> (Replier<T>, Reply<T>) {
     let shared = Arc::new(ReplyShared {
-        state: Mutex::new(ReplyState { value: None, closed: false, waker: None }),
+        state: Mutex::new(ReplyState {
+            value: None,
+            closed: false,
+            waker: None,
+        }),
         cond: Condvar::new(),
     });
-    (Replier { shared: shared.clone(), sent: false }, Reply { shared })
+    (
+        Replier {
+            shared: shared.clone(),
+            sent: false,
+        },
+        Reply { shared },
+    )
 }
 
 impl<T> Replier<T> {
@@ -205,7 +222,10 @@ impl<T> Reply<T> {
     /// Blocks the calling thread until the reply arrives. Must not be called on a reactor
     /// thread (it would stop that reactor): use `.await` there.
     pub fn wait(self) -> Result<T, Canceled> {
-        assert!(!super::on_reactor(), "BUG: Reply::wait on a reactor thread; await it instead");
+        assert!(
+            !super::on_reactor(),
+            "BUG: Reply::wait on a reactor thread; await it instead"
+        );
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while !st.closed {
             st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -215,7 +235,10 @@ impl<T> Reply<T> {
 
     /// Like [`Reply::wait`] with a limit; `Err(None)` on timeout.
     pub fn wait_timeout(self, limit: Duration) -> Result<T, Option<Canceled>> {
-        assert!(!super::on_reactor(), "BUG: Reply::wait_timeout on a reactor thread");
+        assert!(
+            !super::on_reactor(),
+            "BUG: Reply::wait_timeout on a reactor thread"
+        );
         let deadline = Instant::now() + limit;
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while !st.closed {
@@ -223,7 +246,12 @@ impl<T> Reply<T> {
             if now >= deadline {
                 return Err(None);
             }
-            st = self.shared.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         st.value.take().ok_or(Some(Canceled))
     }

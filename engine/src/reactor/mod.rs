@@ -64,7 +64,9 @@ impl std::str::FromStr for PollMode {
             "busy" => Ok(PollMode::Busy),
             "hybrid" => Ok(PollMode::Hybrid),
             "interrupt" => Ok(PollMode::Interrupt),
-            _ => Err(format!("unknown poll mode '{s}': use busy, hybrid or interrupt")),
+            _ => Err(format!(
+                "unknown poll mode '{s}': use busy, hybrid or interrupt"
+            )),
         }
     }
 }
@@ -120,7 +122,10 @@ fn register_inbox(inbox: Arc<Inbox>) -> u16 {
         reg[i] = Some(inbox);
         return i as u16;
     }
-    assert!(reg.len() < usize::from(u16::MAX), "BUG: more than 65535 live reactors");
+    assert!(
+        reg.len() < usize::from(u16::MAX),
+        "BUG: more than 65535 live reactors"
+    );
     reg.push(Some(inbox));
     (reg.len() - 1) as u16
 }
@@ -131,10 +136,18 @@ fn unregister_inbox(gid: u16) {
 }
 
 fn registry_inbox(gid: u16) -> Option<Arc<Inbox>> {
-    REGISTRY.read().unwrap_or_else(|e| e.into_inner()).get(usize::from(gid)).cloned().flatten()
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(usize::from(gid))
+        .cloned()
+        .flatten()
 }
 
 // ---- the per-thread reactor state ------------------------------------------------------
+
+/// Messages parked for full inboxes: target gid -> (its inbox, messages in order).
+type Outbox = HashMap<u16, (Arc<Inbox>, VecDeque<Message>)>;
 
 /// What one reactor thread owns.
 pub(crate) struct Core {
@@ -146,7 +159,7 @@ pub(crate) struct Core {
     timers: RefCell<Timers>,
     inbox: Arc<Inbox>,
     /// Messages waiting for room in a full inbox, by target gid.
-    outbox: RefCell<HashMap<u16, (Arc<Inbox>, VecDeque<Message>)>>,
+    outbox: RefCell<Outbox>,
     stop: Cell<bool>,
 }
 
@@ -162,7 +175,11 @@ thread_local! {
 }
 
 pub(crate) fn with_core<R>(f: impl FnOnce(&Core) -> R) -> R {
-    CORE.with(|c| f(c.borrow().as_ref().expect("BUG: reactor API used outside a reactor thread")))
+    CORE.with(|c| {
+        f(c.borrow()
+            .as_ref()
+            .expect("BUG: reactor API used outside a reactor thread"))
+    })
 }
 
 fn with_ring<R>(f: impl FnOnce(&mut Ring) -> R) -> R {
@@ -182,7 +199,8 @@ fn try_with_ring(f: impl FnOnce(&mut Ring)) {
 
 /// Whether the calling thread is a reactor.
 pub fn on_reactor() -> bool {
-    CORE.try_with(|c| c.try_borrow().map(|c| c.is_some()).unwrap_or(true)).unwrap_or(false)
+    CORE.try_with(|c| c.try_borrow().map(|c| c.is_some()).unwrap_or(true))
+        .unwrap_or(false)
 }
 
 fn wake_task(gid: u16, generation: u16, index: u32) {
@@ -205,7 +223,9 @@ fn wake_task(gid: u16, generation: u16, index: u32) {
 
 /// Delivers `msg` to reactor `gid` following the full-inbox policy (see `inbox`).
 fn send_by_gid(gid: u16, msg: Message) {
-    let Some(inbox) = registry_inbox(gid) else { return };
+    let Some(inbox) = registry_inbox(gid) else {
+        return;
+    };
     deliver(gid, &inbox, msg);
 }
 
@@ -291,7 +311,10 @@ pub struct Engine {
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("cores", &self.shared.config.cores).field("poll_mode", &self.shared.config.poll_mode).finish()
+        f.debug_struct("Engine")
+            .field("cores", &self.shared.config.cores)
+            .field("poll_mode", &self.shared.config.poll_mode)
+            .finish()
     }
 }
 
@@ -300,7 +323,10 @@ impl Engine {
     pub fn start(config: EngineConfig) -> std::io::Result<Engine> {
         let cpus = config.cores.cpus().to_vec();
         if cpus.is_empty() {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no CPU selected for reactors"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no CPU selected for reactors",
+            ));
         }
         let mut inboxes = Vec::new();
         let mut gids = Vec::new();
@@ -309,8 +335,15 @@ impl Engine {
             gids.push(register_inbox(inbox.clone()));
             inboxes.push(inbox);
         }
-        let shared = Arc::new(Shared { inboxes, gids, config });
-        let mut engine = Engine { shared: shared.clone(), threads: Vec::new() };
+        let shared = Arc::new(Shared {
+            inboxes,
+            gids,
+            config,
+        });
+        let mut engine = Engine {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
         let mut ready = Vec::new();
         for (index, cpu) in cpus.into_iter().enumerate() {
             let (tx, rx) = reply_pair::<std::io::Result<()>>();
@@ -322,7 +355,8 @@ impl Engine {
             engine.threads.push(thread);
         }
         for rx in ready {
-            rx.wait().map_err(|_| std::io::Error::other("a reactor exited during start"))??;
+            rx.wait()
+                .map_err(|_| std::io::Error::other("a reactor exited during start"))??;
         }
         Ok(engine)
     }
@@ -343,7 +377,11 @@ impl Engine {
     }
 
     /// Runs `f` on reactor `n` and returns its result as a [`Reply`].
-    pub fn call<R: Send + 'static>(&self, n: usize, f: impl FnOnce() -> R + Send + 'static) -> Reply<R> {
+    pub fn call<R: Send + 'static>(
+        &self,
+        n: usize,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Reply<R> {
         let (tx, rx) = reply_pair();
         self.send(n, Message::Run(Box::new(move || tx.send(f()))));
         rx
@@ -396,16 +434,26 @@ impl Drop for Engine {
     }
 }
 
-fn reactor_main(index: usize, cpu: usize, shared: Arc<Shared>, ready: Replier<std::io::Result<()>>) {
+fn reactor_main(
+    index: usize,
+    cpu: usize,
+    shared: Arc<Shared>,
+    ready: Replier<std::io::Result<()>>,
+) {
     if shared.config.pin && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-        ready.send(Err(std::io::Error::other(format!("cannot pin reactor {index} to CPU {cpu}"))));
+        ready.send(Err(std::io::Error::other(format!(
+            "cannot pin reactor {index} to CPU {cpu}"
+        ))));
         return;
     }
     let inbox = shared.inboxes[index].clone();
     let ring = match Ring::new(shared.config.ring_entries, inbox.eventfd()) {
         Ok(r) => r,
         Err(e) => {
-            ready.send(Err(std::io::Error::new(e.kind(), format!("io_uring setup failed on reactor {index}: {e}"))));
+            ready.send(Err(std::io::Error::new(
+                e.kind(),
+                format!("io_uring setup failed on reactor {index}: {e}"),
+            )));
             return;
         }
     };
@@ -476,9 +524,17 @@ fn sleep_until_work(core: &Core) {
     if !core.inbox.prepare_sleep() {
         return;
     }
-    let timeout = core.timers.borrow().next_deadline().map(|d| timer::until(d, Instant::now()));
+    let timeout = core
+        .timers
+        .borrow()
+        .next_deadline()
+        .map(|d| timer::until(d, Instant::now()));
     // A parked outbox needs retries: do not sleep long while one is non-empty.
-    let timeout = if core.outbox.borrow().is_empty() { timeout } else { Some(Duration::from_micros(50)) };
+    let timeout = if core.outbox.borrow().is_empty() {
+        timeout
+    } else {
+        Some(Duration::from_micros(50))
+    };
     if timeout != Some(Duration::ZERO) {
         core.ring.borrow_mut().submit_and_wait(timeout);
     }
@@ -495,7 +551,10 @@ fn handle_inbox(core: &Core) -> usize {
             Message::Wake { index, generation } => core.executor.schedule(index, generation),
             Message::Run(f) => {
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-                    eprintln!("strata: a message handler panicked on reactor {}", core.index);
+                    eprintln!(
+                        "strata: a message handler panicked on reactor {}",
+                        core.index
+                    );
                 }
             }
             Message::Stop => core.stop.set(true),
@@ -531,7 +590,10 @@ pub struct ReactorStats {
 
 /// Counters of the calling reactor.
 pub fn stats() -> ReactorStats {
-    with_core(|c| ReactorStats { tasks: c.executor.live_tasks(), inflight: c.ring.borrow().inflight() })
+    with_core(|c| ReactorStats {
+        tasks: c.executor.live_tasks(),
+        inflight: c.ring.borrow().inflight(),
+    })
 }
 
 #[cfg(test)]

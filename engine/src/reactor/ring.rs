@@ -102,7 +102,13 @@ impl Ring {
             .build(entries)
         {
             Ok(u) => (u, RingFlavor::DeferTaskrun),
-            Err(_) => (IoUring::builder().setup_cqsize(cq).setup_clamp().build(entries)?, RingFlavor::Plain),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_cqsize(cq)
+                    .setup_clamp()
+                    .build(entries)?,
+                RingFlavor::Plain,
+            ),
         };
         let fixed_ok = uring.submitter().register_files_sparse(FIXED_FILES).is_ok();
         let mut ring = Ring {
@@ -116,7 +122,11 @@ impl Ring {
             eventfd_buf: Box::new(0),
             eventfd_armed: false,
             closing: false,
-            fixed_free: if fixed_ok { (0..FIXED_FILES).rev().collect() } else { Vec::new() },
+            fixed_free: if fixed_ok {
+                (0..FIXED_FILES).rev().collect()
+            } else {
+                Vec::new()
+            },
             fixed_ok,
         };
         ring.arm_eventfd();
@@ -136,9 +146,13 @@ impl Ring {
         if self.eventfd_armed || self.closing {
             return;
         }
-        let entry = opcode::Read::new(types::Fd(self.eventfd), (&mut *self.eventfd_buf as *mut u64).cast(), 8)
-            .build()
-            .user_data(EVENTFD_TOKEN);
+        let entry = opcode::Read::new(
+            types::Fd(self.eventfd),
+            (&mut *self.eventfd_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(EVENTFD_TOKEN);
         // SAFETY: eventfd_buf is a Box owned by the ring; Drop cancels and reaps this read
         // before the box is freed (ownership rule 3).
         unsafe { self.push(&entry) };
@@ -159,7 +173,10 @@ impl Ring {
             // Queue full: hand what is queued to the kernel to make room.
             match self.uring.submit() {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EAGAIN) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        || e.raw_os_error() == Some(libc::EAGAIN) =>
+                {
                     // CQ overflow back-pressure: reap to make room, then retry.
                     self.uring.submit_and_wait(1).ok();
                 }
@@ -204,7 +221,9 @@ impl Ring {
                 }
                 Poll::Pending
             }
-            Slot::Free | Slot::Abandoned(_) => panic!("BUG: polled ring slot {slot} in a wrong state"),
+            Slot::Free | Slot::Abandoned(_) => {
+                panic!("BUG: polled ring slot {slot} in a wrong state")
+            }
         }
     }
 
@@ -285,7 +304,9 @@ impl Ring {
                                 self.free.push(slot as u32);
                                 drop(keep);
                             }
-                            Slot::Free | Slot::Done(_) => panic!("BUG: completion for idle slot {slot}"),
+                            Slot::Free | Slot::Done(_) => {
+                                panic!("BUG: completion for idle slot {slot}")
+                            }
                         }
                     }
                 }
@@ -319,7 +340,12 @@ impl Ring {
     pub(crate) fn unregister_file(&mut self, index: u32) {
         // Ops already submitted hold their own reference to the file: removing the table
         // entry is safe while they are in flight.
-        if self.uring.submitter().register_files_update(index, &[-1]).is_ok() {
+        if self
+            .uring
+            .submitter()
+            .register_files_update(index, &[-1])
+            .is_ok()
+        {
             self.fixed_free.push(index);
         }
     }
@@ -329,7 +355,9 @@ impl Drop for Ring {
     fn drop(&mut self) {
         self.closing = true;
         if self.inflight + self.internal > 0 {
-            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL_TOKEN);
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(CANCEL_TOKEN);
             // SAFETY: a cancel carries no pointers.
             unsafe { self.push(&cancel) };
             self.internal += 1;
@@ -385,7 +413,12 @@ impl<T: 'static> RingOp<T> {
     pub unsafe fn start(entry: squeue::Entry, keep: T) -> RingOp<T> {
         // SAFETY: forwarded to our caller.
         let slot = super::with_ring(|ring| unsafe { ring.start(entry) });
-        RingOp { slot, keep: Some(keep), done: false, _not_send: PhantomData }
+        RingOp {
+            slot,
+            keep: Some(keep),
+            done: false,
+            _not_send: PhantomData,
+        }
     }
 }
 
@@ -395,9 +428,16 @@ impl<T: 'static> Future for RingOp<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, T)> {
         // SAFETY: RingOp is not structurally pinned: no field is ever pinned.
         let this = unsafe { self.get_unchecked_mut() };
-        let res = std::task::ready!(super::with_ring(|ring| ring.poll_slot(this.slot, cx.waker())));
+        let res = std::task::ready!(super::with_ring(
+            |ring| ring.poll_slot(this.slot, cx.waker())
+        ));
         this.done = true;
-        Poll::Ready((res, this.keep.take().expect("BUG: RingOp polled after completion")))
+        Poll::Ready((
+            res,
+            this.keep
+                .take()
+                .expect("BUG: RingOp polled after completion"),
+        ))
     }
 }
 
@@ -412,13 +452,20 @@ impl<T: 'static> Drop for RingOp<T> {
 
 impl<T> std::fmt::Debug for RingOp<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RingOp").field("slot", &self.slot).field("done", &self.done).finish()
+        f.debug_struct("RingOp")
+            .field("slot", &self.slot)
+            .field("done", &self.done)
+            .finish()
     }
 }
 
 /// Converts a CQE result into a byte count or an errno.
 pub fn cqe_result(res: i32) -> Result<usize, Errno> {
-    if res < 0 { Err(Errno::from_cqe(res)) } else { Ok(res as usize) }
+    if res < 0 {
+        Err(Errno::from_cqe(res))
+    } else {
+        Ok(res as usize)
+    }
 }
 
 use crate::buffer::Buffer;
@@ -427,7 +474,9 @@ use crate::buffer::Buffer;
 pub fn read_at(target: Target, mut buf: Buffer, offset: u64) -> RingOp<Buffer> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
     let ptr = buf.as_mut_ptr();
-    let entry = with_target!(target, |t| opcode::Read::new(t, ptr, len).offset(offset).build());
+    let entry = with_target!(target, |t| opcode::Read::new(t, ptr, len)
+        .offset(offset)
+        .build());
     // SAFETY: the entry points into `buf`, which the op owns until its completion.
     unsafe { RingOp::start(entry, buf) }
 }
@@ -437,14 +486,21 @@ pub fn read_at(target: Target, mut buf: Buffer, offset: u64) -> RingOp<Buffer> {
 pub fn write_at(target: Target, buf: Buffer, offset: u64, rw_flags: i32) -> RingOp<Buffer> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
     let ptr = buf.as_ptr();
-    let entry = with_target!(target, |t| opcode::Write::new(t, ptr, len).offset(offset).rw_flags(rw_flags).build());
+    let entry = with_target!(target, |t| opcode::Write::new(t, ptr, len)
+        .offset(offset)
+        .rw_flags(rw_flags)
+        .build());
     // SAFETY: the entry points into `buf`, which the op owns until its completion.
     unsafe { RingOp::start(entry, buf) }
 }
 
 /// `fsync` (or `fdatasync` with `datasync`).
 pub fn fsync(target: Target, datasync: bool) -> RingOp<()> {
-    let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+    let flags = if datasync {
+        types::FsyncFlags::DATASYNC
+    } else {
+        types::FsyncFlags::empty()
+    };
     let entry = with_target!(target, |t| opcode::Fsync::new(t).flags(flags).build());
     // SAFETY: fsync carries no pointers.
     unsafe { RingOp::start(entry, ()) }
@@ -452,7 +508,10 @@ pub fn fsync(target: Target, datasync: bool) -> RingOp<()> {
 
 /// `fallocate(fd, mode, offset, len)`.
 pub fn fallocate(target: Target, mode: i32, offset: u64, len: u64) -> RingOp<()> {
-    let entry = with_target!(target, |t| opcode::Fallocate::new(t, len).offset(offset).mode(mode).build());
+    let entry = with_target!(target, |t| opcode::Fallocate::new(t, len)
+        .offset(offset)
+        .mode(mode)
+        .build());
     // SAFETY: fallocate carries no pointers.
     unsafe { RingOp::start(entry, ()) }
 }
@@ -479,7 +538,10 @@ impl FixedFile {
     /// unsound, but the index would then name the old file).
     pub fn register(fd: RawFd) -> Result<FixedFile, Errno> {
         let index = super::with_ring(|ring| ring.register_file(fd))?;
-        Ok(FixedFile { index, _not_send: PhantomData })
+        Ok(FixedFile {
+            index,
+            _not_send: PhantomData,
+        })
     }
 
     pub fn target(&self) -> Target {
@@ -492,4 +554,3 @@ impl Drop for FixedFile {
         super::try_with_ring(|ring| ring.unregister_file(self.index));
     }
 }
-

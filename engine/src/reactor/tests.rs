@@ -8,19 +8,33 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The first `n` CPUs this process may use (the tests need two: CI machines have two).
 fn cpus(n: usize) -> CpuSet {
     let allowed = CpuSet::allowed();
-    assert!(allowed.len() >= n, "this test needs {n} CPUs, the process may use {allowed}");
+    assert!(
+        allowed.len() >= n,
+        "this test needs {n} CPUs, the process may use {allowed}"
+    );
     CpuSet::from_cpus(allowed.cpus()[..n].iter().copied())
 }
 
 fn engine(n: usize, mode: PollMode) -> Engine {
-    Engine::start(EngineConfig { cores: cpus(n), poll_mode: mode, pin: false, ..Default::default() }).expect("engine start")
+    Engine::start(EngineConfig {
+        cores: cpus(n),
+        poll_mode: mode,
+        pin: false,
+        ..Default::default()
+    })
+    .expect("engine start")
 }
 
 #[test]
 fn call_runs_the_closure_on_the_named_reactor() {
     let e = engine(2, PollMode::Hybrid);
     for n in 0..e.reactors() {
-        let (idx, name) = e.call(n, || (id(), std::thread::current().name().map(String::from))).wait().unwrap();
+        let (idx, name) = e
+            .call(n, || {
+                (id(), std::thread::current().name().map(String::from))
+            })
+            .wait()
+            .unwrap();
         assert_eq!(idx, n);
         assert_eq!(name.as_deref(), Some(format!("reactor-{n}").as_str()));
     }
@@ -38,7 +52,11 @@ fn spawned_task_awaits_a_ring_timeout_and_replies() {
             })
             .wait()
             .unwrap();
-        assert_eq!(res, -libc::ETIME, "timeout op completes with ETIME in {mode} mode");
+        assert_eq!(
+            res,
+            -libc::ETIME,
+            "timeout op completes with ETIME in {mode} mode"
+        );
         assert!(t0.elapsed() >= Duration::from_millis(20));
     }
 }
@@ -69,14 +87,21 @@ fn file_read_and_write_through_the_ring_round_trip() {
     let dir = std::env::temp_dir().join(format!("strata-ring-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("f");
-    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     file.set_len(1 << 20).unwrap();
     let fd = file.as_raw_fd();
     let e = engine(1, PollMode::Hybrid);
     let data = e
         .spawn(0, move || async move {
             let fixed = ring::FixedFile::register(fd).expect("register file");
-            let (res, _) = ring::write_at(fixed.target(), Buffer::from_slice(&[7u8; 4096]), 8192, 0).await;
+            let (res, _) =
+                ring::write_at(fixed.target(), Buffer::from_slice(&[7u8; 4096]), 8192, 0).await;
             assert_eq!(res, 4096);
             let (res, _) = ring::fsync(ring::Target::Fd(fd), true).await;
             assert_eq!(res, 0);
@@ -110,7 +135,10 @@ fn dropping_a_future_in_flight_keeps_its_buffer_until_completion() {
         .unwrap();
     let (before, after, fds) = inflight_after;
     assert_eq!(before, 1);
-    assert_eq!(after, 1, "the abandoned read stays in flight, owned by the ring");
+    assert_eq!(
+        after, 1,
+        "the abandoned read stays in flight, owned by the ring"
+    );
     // Shutdown must cancel the read and reap it before freeing the ring (no hang).
     e.shutdown();
     // SAFETY: closing the pipe descriptors we created.
@@ -124,7 +152,10 @@ fn dropping_a_future_in_flight_keeps_its_buffer_until_completion() {
 fn messages_between_reactors_and_cross_thread_wakes_work() {
     let e = engine(2, PollMode::Hybrid);
     // Reactor 0 asks reactor 1 for its id and awaits the reply (a cross-reactor wake).
-    let got = e.spawn(0, || async { call(1, id).await.unwrap() }).wait().unwrap();
+    let got = e
+        .spawn(0, || async { call(1, id).await.unwrap() })
+        .wait()
+        .unwrap();
     assert_eq!(got, 1);
     // A plain thread completes a reply a task awaits.
     let (tx, rx) = reply_pair::<u32>();
@@ -148,9 +179,12 @@ fn a_full_inbox_delays_messages_but_never_loses_them() {
     let sent = e
         .spawn(0, || async {
             for _ in 0..10_000 {
-                send(1, Message::Run(Box::new(|| {
-                    COUNT.fetch_add(1, Ordering::Relaxed);
-                })));
+                send(
+                    1,
+                    Message::Run(Box::new(|| {
+                        COUNT.fetch_add(1, Ordering::Relaxed);
+                    })),
+                );
             }
             10_000
         })
@@ -158,9 +192,12 @@ fn a_full_inbox_delays_messages_but_never_loses_them() {
         .unwrap();
     // And a plain thread floods it too (it waits for room instead of parking).
     for _ in 0..1000 {
-        e.send(1, Message::Run(Box::new(|| {
-            COUNT.fetch_add(1, Ordering::Relaxed);
-        })));
+        e.send(
+            1,
+            Message::Run(Box::new(|| {
+                COUNT.fetch_add(1, Ordering::Relaxed);
+            })),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while COUNT.load(Ordering::Relaxed) < sent + 1000 && Instant::now() < deadline {
@@ -195,7 +232,13 @@ fn idle_hybrid_engine_uses_almost_no_cpu() {
     let used = process_cpu_time() - before;
     // Two busy reactors would burn ~2 s here. Allow scheduler noise and other tests
     // running in this process, but far below one core.
-    assert!(used < Duration::from_millis(200), "idle engine used {used:?} of CPU in 1 s");
+    assert!(
+        used < Duration::from_millis(200),
+        "idle engine used {used:?} of CPU in 1 s"
+    );
     // And it still answers promptly after sleeping.
-    assert_eq!(e.call(1, id).wait_timeout(Duration::from_secs(2)).unwrap(), 1);
+    assert_eq!(
+        e.call(1, id).wait_timeout(Duration::from_secs(2)).unwrap(),
+        1
+    );
 }

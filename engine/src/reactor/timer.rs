@@ -40,7 +40,11 @@ pub(crate) struct Timers {
 impl Timers {
     pub(crate) fn add(&mut self, deadline: Instant, waker: Waker) {
         self.seq += 1;
-        self.heap.push(Reverse(Entry { deadline, seq: self.seq, waker }));
+        self.heap.push(Reverse(Entry {
+            deadline,
+            seq: self.seq,
+            waker,
+        }));
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
@@ -68,7 +72,10 @@ pub struct Sleep {
 
 impl Sleep {
     pub(crate) fn new(deadline: Instant) -> Sleep {
-        Sleep { deadline, registered: false }
+        Sleep {
+            deadline,
+            registered: false,
+        }
     }
 
     pub fn deadline(&self) -> Instant {
