@@ -36,6 +36,7 @@
 //! Reserved `user_data` values above [`MAX_SLOTS`] mark the reactor's own operations:
 //! the inbox eventfd read and cancellations.
 
+use crate::buffer::Buffer;
 use crate::errno::Errno;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::any::Any;
@@ -53,6 +54,8 @@ const EVENTFD_TOKEN: u64 = u64::MAX;
 const CANCEL_TOKEN: u64 = u64::MAX - 1;
 /// Registered-file table size per ring.
 pub const FIXED_FILES: u32 = 1024;
+/// Registered-buffer table size per ring.
+pub const FIXED_BUFFERS: u32 = 1024;
 
 enum Slot {
     Free,
@@ -88,6 +91,8 @@ pub(crate) struct Ring {
     closing: bool,
     fixed_free: Vec<u32>,
     fixed_ok: bool,
+    /// Free indices of the registered-buffer table (empty if the kernel refused one).
+    fixed_buf_free: Vec<u32>,
 }
 
 impl Ring {
@@ -111,6 +116,10 @@ impl Ring {
             ),
         };
         let fixed_ok = uring.submitter().register_files_sparse(FIXED_FILES).is_ok();
+        let bufs_ok = uring
+            .submitter()
+            .register_buffers_sparse(FIXED_BUFFERS)
+            .is_ok();
         let mut ring = Ring {
             uring,
             flavor,
@@ -128,6 +137,11 @@ impl Ring {
                 Vec::new()
             },
             fixed_ok,
+            fixed_buf_free: if bufs_ok {
+                (0..FIXED_BUFFERS).rev().collect()
+            } else {
+                Vec::new()
+            },
         };
         ring.arm_eventfd();
         Ok(ring)
@@ -337,6 +351,48 @@ impl Ring {
         }
     }
 
+    /// Registers `buf`'s memory in this ring's buffer table.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`Ring::unregister_buffer`] and until every op
+    /// that used the index has completed.
+    unsafe fn register_buffer(&mut self, buf: &mut crate::buffer::Buffer) -> Result<u32, Errno> {
+        let index = self.fixed_buf_free.pop().ok_or(Errno::ENOSPC)?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.capacity(),
+        };
+        // SAFETY: forwarded to our caller.
+        match unsafe {
+            self.uring
+                .submitter()
+                .register_buffers_update(index, &[iov], None)
+        } {
+            Ok(()) => Ok(index),
+            Err(e) => {
+                self.fixed_buf_free.push(index);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn unregister_buffer(&mut self, index: u32) {
+        let iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty iovec clears the slot; it points at no memory.
+        if unsafe {
+            self.uring
+                .submitter()
+                .register_buffers_update(index, &[iov], None)
+        }
+        .is_ok()
+        {
+            self.fixed_buf_free.push(index);
+        }
+    }
+
     pub(crate) fn unregister_file(&mut self, index: u32) {
         // Ops already submitted hold their own reference to the file: removing the table
         // entry is safe while they are in flight.
@@ -468,8 +524,6 @@ pub fn cqe_result(res: i32) -> Result<usize, Errno> {
     }
 }
 
-use crate::buffer::Buffer;
-
 /// Reads up to `buf.len()` bytes at `offset` (one `IORING_OP_READ`; may be short).
 pub fn read_at(target: Target, mut buf: Buffer, offset: u64) -> RingOp<Buffer> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
@@ -553,4 +607,135 @@ impl Drop for FixedFile {
     fn drop(&mut self) {
         super::try_with_ring(|ring| ring.unregister_file(self.index));
     }
+}
+
+/// A set of buffers registered with the current reactor's ring (`IORING_REGISTER_BUFFERS`):
+/// ops on them skip pinning the pages on every request. `!Send`: the indices belong to one
+/// ring.
+///
+/// Ownership: the set owns the memory; a [`FixedBuf`] lent out keeps the set alive (an
+/// `Rc`), and an op in flight owns its `FixedBuf`, so registered memory is unregistered and
+/// freed only after the last op that used it has completed (ring rule 1).
+#[derive(Debug, Clone)]
+pub struct FixedBuffers {
+    inner: Rc<FixedSet>,
+}
+
+#[derive(Debug)]
+struct FixedSet {
+    free: std::cell::RefCell<Vec<(u32, Buffer)>>,
+    indices: Vec<u32>,
+}
+
+impl FixedBuffers {
+    /// Allocates and registers `count` buffers of `size` bytes on the current reactor.
+    pub fn new(count: usize, size: usize) -> Result<FixedBuffers, Errno> {
+        let mut free = Vec::with_capacity(count);
+        let mut indices = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut buf = Buffer::zeroed(size);
+            // SAFETY: the buffer is kept in this set until FixedSet::drop unregisters it,
+            // and lent-out FixedBufs (and so in-flight ops) hold the set alive.
+            let index = match super::with_ring(|ring| unsafe { ring.register_buffer(&mut buf) }) {
+                Ok(i) => i,
+                Err(e) => {
+                    // Unregister what we did register (FixedSet::drop does it).
+                    drop(FixedSet {
+                        free: std::cell::RefCell::new(free),
+                        indices,
+                    });
+                    return Err(e);
+                }
+            };
+            indices.push(index);
+            free.push((index, buf));
+        }
+        Ok(FixedBuffers {
+            inner: Rc::new(FixedSet {
+                free: std::cell::RefCell::new(free),
+                indices,
+            }),
+        })
+    }
+
+    /// Lends out a free buffer, if any.
+    pub fn get(&self) -> Option<FixedBuf> {
+        let (index, buf) = self.inner.free.borrow_mut().pop()?;
+        Some(FixedBuf {
+            set: self.inner.clone(),
+            index,
+            buf: Some(buf),
+        })
+    }
+}
+
+impl Drop for FixedSet {
+    fn drop(&mut self) {
+        for &index in &self.indices {
+            super::try_with_ring(|ring| ring.unregister_buffer(index));
+        }
+        // The buffers are freed after this (field drop), once unregistered.
+    }
+}
+
+/// A registered buffer lent out by [`FixedBuffers`]; goes back to its set when dropped.
+#[derive(Debug)]
+pub struct FixedBuf {
+    set: Rc<FixedSet>,
+    index: u32,
+    buf: Option<Buffer>,
+}
+
+impl FixedBuf {
+    /// The buffer's index in the ring's table.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl std::ops::Deref for FixedBuf {
+    type Target = Buffer;
+    fn deref(&self) -> &Buffer {
+        self.buf.as_ref().expect("BUG: FixedBuf without its buffer")
+    }
+}
+
+impl std::ops::DerefMut for FixedBuf {
+    fn deref_mut(&mut self) -> &mut Buffer {
+        self.buf.as_mut().expect("BUG: FixedBuf without its buffer")
+    }
+}
+
+impl Drop for FixedBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.set.free.borrow_mut().push((self.index, buf));
+        }
+    }
+}
+
+/// `read_at` into a registered buffer (`IORING_OP_READ_FIXED`).
+pub fn read_fixed(target: Target, mut buf: FixedBuf, offset: u64) -> RingOp<FixedBuf> {
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let ptr = buf.as_mut_ptr();
+    let index = buf.index as u16;
+    let entry = with_target!(target, |t| opcode::ReadFixed::new(t, ptr, len, index)
+        .offset(offset)
+        .build());
+    // SAFETY: the entry points into the registered buffer, which the op owns (and, through
+    // it, the set that keeps the registration and the memory alive).
+    unsafe { RingOp::start(entry, buf) }
+}
+
+/// `write_at` from a registered buffer (`IORING_OP_WRITE_FIXED`).
+pub fn write_fixed(target: Target, buf: FixedBuf, offset: u64, rw_flags: i32) -> RingOp<FixedBuf> {
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let ptr = buf.as_ptr();
+    let index = buf.index as u16;
+    let entry = with_target!(target, |t| opcode::WriteFixed::new(t, ptr, len, index)
+        .offset(offset)
+        .rw_flags(rw_flags)
+        .build());
+    // SAFETY: as in read_fixed.
+    unsafe { RingOp::start(entry, buf) }
 }

@@ -242,3 +242,42 @@ fn idle_hybrid_engine_uses_almost_no_cpu() {
         1
     );
 }
+
+#[test]
+fn registered_buffers_read_and_write_and_return_to_their_set() {
+    let dir = std::env::temp_dir().join(format!("strata-fixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(1 << 16).unwrap();
+    let fd = file.as_raw_fd();
+    let e = engine(1, PollMode::Hybrid);
+    let ok = e
+        .spawn(0, move || async move {
+            let set = ring::FixedBuffers::new(2, 4096).expect("register buffers");
+            let mut w = set.get().unwrap();
+            w.fill(0x5a);
+            let (res, w) = ring::write_fixed(ring::Target::Fd(fd), w, 4096, 0).await;
+            assert_eq!(res, 4096);
+            drop(w);
+            let r = set.get().unwrap();
+            let (res, r) = ring::read_fixed(ring::Target::Fd(fd), r, 4096).await;
+            assert_eq!(res, 4096);
+            let all = r.iter().all(|&b| b == 0x5a);
+            drop(r);
+            // Both buffers are back: two can be lent again, a third cannot.
+            let (a, b) = (set.get(), set.get());
+            all && a.is_some() && b.is_some() && set.get().is_none()
+        })
+        .wait()
+        .unwrap();
+    assert!(ok);
+    drop(file);
+    std::fs::remove_dir_all(dir).ok();
+}
