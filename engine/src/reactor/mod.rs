@@ -186,15 +186,20 @@ fn with_ring<R>(f: impl FnOnce(&mut Ring) -> R) -> R {
     with_core(|core| f(&mut core.ring.borrow_mut()))
 }
 
-fn try_with_ring(f: impl FnOnce(&mut Ring)) {
-    let _ = CORE.try_with(|c| {
+/// Runs `f` on the calling reactor's ring if it can be reached (not during thread exit
+/// or while the ring is borrowed); returns whether it ran.
+fn try_with_ring(f: impl FnOnce(&mut Ring)) -> bool {
+    CORE.try_with(|c| {
         if let Ok(c) = c.try_borrow()
             && let Some(core) = c.as_ref()
             && let Ok(mut ring) = core.ring.try_borrow_mut()
         {
             f(&mut ring);
+            return true;
         }
-    });
+        false
+    })
+    .unwrap_or(false)
 }
 
 /// Whether the calling thread is a reactor.

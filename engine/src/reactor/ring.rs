@@ -500,8 +500,16 @@ impl<T: 'static> Future for RingOp<T> {
 impl<T: 'static> Drop for RingOp<T> {
     fn drop(&mut self) {
         if !self.done {
-            let keep: Box<dyn Any> = Box::new(self.keep.take());
-            super::try_with_ring(|ring| ring.abandon(self.slot, keep));
+            let mut keep = Some(Box::new(self.keep.take()) as Box<dyn Any>);
+            let slot = self.slot;
+            let handed = super::try_with_ring(|ring| {
+                ring.abandon(slot, keep.take().expect("BUG: keep taken twice"))
+            });
+            if !handed {
+                // The ring is out of reach, so nobody can tell when the kernel is done
+                // with these resources: leak them rather than free memory it may write.
+                std::mem::forget(keep);
+            }
         }
     }
 }
@@ -605,7 +613,7 @@ impl FixedFile {
 
 impl Drop for FixedFile {
     fn drop(&mut self) {
-        super::try_with_ring(|ring| ring.unregister_file(self.index));
+        let _ = super::try_with_ring(|ring| ring.unregister_file(self.index));
     }
 }
 
@@ -672,7 +680,9 @@ impl FixedBuffers {
 impl Drop for FixedSet {
     fn drop(&mut self) {
         for &index in &self.indices {
-            super::try_with_ring(|ring| ring.unregister_buffer(index));
+            // If the ring is out of reach the registration stays until the ring closes;
+            // the kernel holds its own page references, so freeing our copy is sound.
+            let _ = super::try_with_ring(|ring| ring.unregister_buffer(index));
         }
         // The buffers are freed after this (field drop), once unregistered.
     }
