@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Quick start: build the release binaries and run strata-perf on the embedded nodes
+# (null-co, then a 1 GiB memory node), 4 KiB random reads, queue depth 32, one job per CPU.
+# Extra arguments go to both runs (e.g. `-t 10 -q 1`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release -p strata-perf
+for node in driver=null-co,size=1G driver=memory,size=1G; do
+    printf '\n==== strata-perf --node %s ====\n' "$node"
+    target/release/strata-perf --node "$node" -q 32 -o 4k -w randread -t 3 "$@"
+done
