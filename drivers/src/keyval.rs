@@ -21,7 +21,9 @@ pub fn parse(s: &str) -> Result<Value, String> {
         }
         let mut map = &mut root;
         for part in &parts[..parts.len() - 1] {
-            let entry = map.entry(part.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let entry = map
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             map = match entry {
                 Value::Object(m) => m,
                 _ => return Err(format!("key '{key}' conflicts with '{part}' given a value")),

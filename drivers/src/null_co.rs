@@ -9,7 +9,9 @@ use crate::options;
 use serde::Deserialize;
 use std::time::Duration;
 use strata_engine::reactor;
-use strata_engine::{Completion, Driver, DriverInfo, Errno, Extent, ExtentState, IoFuture, Op, OpSet, Queue, Request};
+use strata_engine::{
+    Completion, Driver, DriverInfo, Errno, Extent, ExtentState, IoFuture, Op, OpSet, Queue, Request,
+};
 
 /// `null-co` options.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -76,8 +78,16 @@ impl NullQueue {
                 }
             }
             Op::BlockStatus => {
-                let state = ExtentState { allocated: true, zero: self.read_zeroes, data: !self.read_zeroes };
-                req.extents.push(Extent { offset: req.offset, len: req.len, state });
+                let state = ExtentState {
+                    allocated: true,
+                    zero: self.read_zeroes,
+                    data: !self.read_zeroes,
+                };
+                req.extents.push(Extent {
+                    offset: req.offset,
+                    len: req.len,
+                    state,
+                });
             }
             _ => {}
         }
@@ -95,6 +105,86 @@ impl Queue for NullQueue {
                 reactor::sleep(d).await;
                 Completion::ok(req)
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::conformance::{self, Expect, on_reactor};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use strata_engine::{Buffer, Driver, Handle, Request};
+
+    fn null(opts: &str) -> Arc<dyn Driver> {
+        crate::open_keyval(&format!("driver=null-co,size=8M,{opts}")).expect("open null-co")
+    }
+
+    #[test]
+    fn null_co_passes_the_conformance_suite() {
+        conformance::run("null-co", &|| null(""), Expect::stores_nothing());
+    }
+
+    #[test]
+    fn null_co_with_read_zeroes_passes_the_conformance_suite() {
+        conformance::run(
+            "null-co read-zeroes",
+            &|| null("read-zeroes=on"),
+            Expect::stores_nothing(),
+        );
+    }
+
+    /// Reads into a buffer full of 0xaa; returns the buffer and the first extent's `zero`.
+    fn read_and_status(node: Arc<dyn Driver>) -> (Vec<u8>, bool) {
+        on_reactor(move || async move {
+            let h = Handle::open(&*node).expect("queue");
+            let mut buf = Buffer::new(4096);
+            buf.fill(0xaa);
+            let c = h.submit(Request::read(4096, buf)).await;
+            assert_eq!(c.result, Ok(()));
+            let s = h.submit(Request::block_status(0, 8192)).await;
+            assert_eq!(s.result, Ok(()));
+            (c.req.buf.unwrap().to_vec(), s.req.extents[0].state.zero)
+        })
+    }
+
+    #[test]
+    fn read_zeroes_zeroes_the_buffer_and_reports_zeroes() {
+        let (data, zero) = read_and_status(null("read-zeroes=on"));
+        assert!(data.iter().all(|&b| b == 0));
+        assert!(zero);
+    }
+
+    #[test]
+    fn without_read_zeroes_the_buffer_is_left_alone_and_reported_as_data() {
+        let (data, zero) = read_and_status(null(""));
+        assert!(data.iter().all(|&b| b == 0xaa));
+        assert!(!zero);
+    }
+
+    #[test]
+    fn latency_ns_delays_every_request() {
+        let latency = Duration::from_millis(20);
+        let node = null(&format!("latency-ns={}", latency.as_nanos()));
+        let took = on_reactor(move || async move {
+            let h = Handle::open(&*node).expect("queue");
+            let mut took = Vec::new();
+            for req in [
+                Request::read(0, Buffer::new(512)),
+                Request::flush(),
+                Request::block_status(0, 512),
+            ] {
+                let t0 = Instant::now();
+                assert_eq!(h.submit(req).await.result, Ok(()));
+                took.push(t0.elapsed());
+            }
+            took
+        });
+        for t in took {
+            assert!(
+                t >= latency,
+                "a request took {t:?}, less than latency-ns ({latency:?})"
+            );
         }
     }
 }

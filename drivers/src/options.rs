@@ -5,15 +5,17 @@
 //! or strings with QEMU's size suffixes, booleans as JSON booleans or `on`/`off`/`true`/
 //! `false`.
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 
 /// Parses a size with an optional binary suffix (`512`, `4k`, `1M`, `2G`, `1T`), as QEMU.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}': expected e.g. 4096, 4k, 1G"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': expected e.g. 4096, 4k, 1G"))?;
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" => 10,
@@ -22,7 +24,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" => 40,
         _ => return Err(format!("invalid size suffix in '{s}': use k, M, G or T")),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// Parses QEMU's boolean spellings.
@@ -65,7 +68,10 @@ pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
 pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumOrStr::deserialize(d)? {
         NumOrStr::Num(n) => Ok(n),
-        NumOrStr::Str(s) => s.trim().parse().map_err(|_| de::Error::custom(format!("invalid number '{s}'"))),
+        NumOrStr::Str(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| de::Error::custom(format!("invalid number '{s}'"))),
     }
 }
 
@@ -75,6 +81,20 @@ pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
         BoolOrStr::Bool(b) => Ok(b),
         BoolOrStr::Str(s) => parse_bool(&s).map_err(de::Error::custom),
     }
+}
+
+/// Runs `parse` on an option's value and names the option in its error, so a person
+/// reads `option 'cache.direct': invalid boolean 'maybe'` rather than just the value.
+/// Drivers wrap their fields' parsers with it (serde does not name the field itself).
+pub fn named<'de, D, T>(
+    option: &str,
+    d: D,
+    parse: impl FnOnce(D) -> Result<T, D::Error>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    parse(d).map_err(|e| de::Error::custom(format_args!("option '{option}': {e}")))
 }
 
 #[cfg(test)]
