@@ -9,6 +9,7 @@ pub struct Errno(pub i32);
 
 impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EINTR: Errno = Errno(libc::EINTR);
     pub const EIO: Errno = Errno(libc::EIO);
     pub const EAGAIN: Errno = Errno(libc::EAGAIN);
     pub const ENOMEM: Errno = Errno(libc::ENOMEM);
@@ -40,7 +41,16 @@ impl Errno {
         match self.0 {
             libc::EPERM => "EPERM",
             libc::ENOENT => "ENOENT",
+            libc::EINTR => "EINTR",
             libc::EIO => "EIO",
+            libc::ENXIO => "ENXIO",
+            libc::EACCES => "EACCES",
+            libc::ENODEV => "ENODEV",
+            libc::ENOTDIR => "ENOTDIR",
+            libc::EISDIR => "EISDIR",
+            libc::ENOSYS => "ENOSYS",
+            libc::ENOTBLK => "ENOTBLK",
+            libc::EFAULT => "EFAULT",
             libc::EBADF => "EBADF",
             libc::EAGAIN => "EAGAIN",
             libc::ENOMEM => "ENOMEM",

@@ -266,9 +266,9 @@ fn block_status_reports_holes_as_zero_and_written_data_as_data() {
 
 #[test]
 fn continuations_move_only_the_rest_of_the_buffer() {
-    use super::transfer::{read_part, write_part};
     use std::os::fd::AsRawFd;
     use strata_engine::reactor::ring::Target;
+    use strata_engine::reactor::ring::{read_at_from as read_part, write_at_from as write_part};
     let file = TestFile::new(0);
     let data = ramp(8192);
     std::fs::write(&file.path, &data).expect("fill the file");

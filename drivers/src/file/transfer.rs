@@ -1,13 +1,10 @@
 //! Reads and writes that finish what they start: short transfers continue at the new
 //! offset, `EINTR`/`EAGAIN` are retried, end of file reads as zeroes.
 //!
-//! The first attempt uses the engine's [`ring::read_at`] / [`ring::write_at`], which move
-//! the whole buffer. A continuation must move only the rest of the buffer, which those
-//! helpers cannot express, so [`read_part`] / [`write_part`] build the entry themselves
-//! with a pointer into the buffer the op owns (see the `SAFETY` note in `start`).
+//! The first attempt moves the whole buffer ([`ring::read_at`] / [`ring::write_at`]); a
+//! continuation moves only the rest ([`ring::read_at_from`] / [`ring::write_at_from`]).
 
-use io_uring::{opcode, squeue, types};
-use strata_engine::reactor::ring::{self, RingOp, Target};
+use strata_engine::reactor::ring::{self, Target};
 use strata_engine::reactor::yield_now;
 use strata_engine::{Buffer, Errno};
 
@@ -28,7 +25,7 @@ fn step(res: i32, retries: &mut u32) -> Result<Step, Errno> {
             *retries = 0;
             Ok(Step::Moved(n))
         }
-        Err(e) if (e.0 == libc::EINTR || e == Errno::EAGAIN) && *retries < MAX_RETRIES => {
+        Err(e) if (e == Errno::EINTR || e == Errno::EAGAIN) && *retries < MAX_RETRIES => {
             *retries += 1;
             Ok(Step::Retry)
         }
@@ -52,7 +49,7 @@ pub(super) async fn read(
         let (res, b) = if done == 0 {
             ring::read_at(target, buf, offset).await
         } else {
-            read_part(target, buf, done, offset + done as u64).await
+            ring::read_at_from(target, buf, done, offset + done as u64).await
         };
         buf = b;
         match step(res, &mut retries) {
@@ -85,7 +82,7 @@ pub(super) async fn write(
         let (res, b) = if done == 0 {
             ring::write_at(target, buf, offset, rw_flags).await
         } else {
-            write_part(target, buf, done, offset + done as u64, rw_flags).await
+            ring::write_at_from(target, buf, done, offset + done as u64, rw_flags).await
         };
         buf = b;
         match step(res, &mut retries) {
@@ -97,57 +94,4 @@ pub(super) async fn write(
         }
     }
     (Ok(()), buf)
-}
-
-/// Reads into `buf[from..]` at `offset` (one op; may be short).
-pub(super) fn read_part(
-    target: Target,
-    mut buf: Buffer,
-    from: usize,
-    offset: u64,
-) -> RingOp<Buffer> {
-    let from = from.min(buf.len());
-    let len = u32::try_from(buf.len() - from).unwrap_or(u32::MAX);
-    let ptr = buf.as_mut_ptr().wrapping_add(from);
-    let entry = match target {
-        Target::Fd(fd) => opcode::Read::new(types::Fd(fd), ptr, len)
-            .offset(offset)
-            .build(),
-        Target::Fixed(i) => opcode::Read::new(types::Fixed(i), ptr, len)
-            .offset(offset)
-            .build(),
-    };
-    start(entry, buf)
-}
-
-/// Writes `buf[from..]` at `offset` (one op; may be short).
-pub(super) fn write_part(
-    target: Target,
-    buf: Buffer,
-    from: usize,
-    offset: u64,
-    rw_flags: i32,
-) -> RingOp<Buffer> {
-    let from = from.min(buf.len());
-    let len = u32::try_from(buf.len() - from).unwrap_or(u32::MAX);
-    let ptr = buf.as_ptr().wrapping_add(from);
-    let entry = match target {
-        Target::Fd(fd) => opcode::Write::new(types::Fd(fd), ptr, len),
-        Target::Fixed(i) => opcode::Write::new(types::Fixed(i), ptr, len),
-    }
-    .offset(offset)
-    .rw_flags(rw_flags)
-    .build();
-    start(entry, buf)
-}
-
-/// Starts `entry`, which points into `buf`, giving `buf` to the op.
-fn start(entry: squeue::Entry, buf: Buffer) -> RingOp<Buffer> {
-    // SAFETY: the callers built `entry` with a pointer to `buf.as_ptr() + from` and a length
-    // of at most `buf.len() - from`, with `from <= buf.len()`, so the kernel touches only
-    // bytes inside `buf`'s allocation. `buf` moves into the op, which owns it until the CQE
-    // is reaped (even if the future is dropped: ring ownership rules 1-3), and a Buffer's
-    // heap allocation does not move when the Buffer value does. Queues and their requests
-    // run only on reactor threads.
-    unsafe { RingOp::start(entry, buf) }
 }

@@ -533,26 +533,46 @@ pub fn cqe_result(res: i32) -> Result<usize, Errno> {
 }
 
 /// Reads up to `buf.len()` bytes at `offset` (one `IORING_OP_READ`; may be short).
-pub fn read_at(target: Target, mut buf: Buffer, offset: u64) -> RingOp<Buffer> {
-    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let ptr = buf.as_mut_ptr();
+pub fn read_at(target: Target, buf: Buffer, offset: u64) -> RingOp<Buffer> {
+    read_at_from(target, buf, 0, offset)
+}
+
+/// Reads into `buf[from..]` at `offset` (one op; may be short): continues a short read.
+/// `from` beyond the buffer's length reads nothing.
+pub fn read_at_from(target: Target, mut buf: Buffer, from: usize, offset: u64) -> RingOp<Buffer> {
+    let from = from.min(buf.len());
+    let len = u32::try_from(buf.len() - from).unwrap_or(u32::MAX);
+    let ptr = buf.as_mut_ptr().wrapping_add(from);
     let entry = with_target!(target, |t| opcode::Read::new(t, ptr, len)
         .offset(offset)
         .build());
-    // SAFETY: the entry points into `buf`, which the op owns until its completion.
+    // SAFETY: the entry covers buf[from..from + len], inside `buf`, which the op owns until
+    // its completion; the allocation does not move when the Buffer value does.
     unsafe { RingOp::start(entry, buf) }
 }
 
 /// Writes `buf` at `offset` (one `IORING_OP_WRITE`; may be short). `rw_flags` are
 /// `RWF_*` flags, e.g. `RWF_DSYNC` for a FUA write.
 pub fn write_at(target: Target, buf: Buffer, offset: u64, rw_flags: i32) -> RingOp<Buffer> {
-    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let ptr = buf.as_ptr();
+    write_at_from(target, buf, 0, offset, rw_flags)
+}
+
+/// Writes `buf[from..]` at `offset` (one op; may be short): continues a short write.
+pub fn write_at_from(
+    target: Target,
+    buf: Buffer,
+    from: usize,
+    offset: u64,
+    rw_flags: i32,
+) -> RingOp<Buffer> {
+    let from = from.min(buf.len());
+    let len = u32::try_from(buf.len() - from).unwrap_or(u32::MAX);
+    let ptr = buf.as_ptr().wrapping_add(from);
     let entry = with_target!(target, |t| opcode::Write::new(t, ptr, len)
         .offset(offset)
         .rw_flags(rw_flags)
         .build());
-    // SAFETY: the entry points into `buf`, which the op owns until its completion.
+    // SAFETY: as in read_at_from.
     unsafe { RingOp::start(entry, buf) }
 }
 
