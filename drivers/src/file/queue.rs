@@ -75,15 +75,27 @@ async fn run(state: &QueueState, req: &mut Request) -> Result<(), Errno> {
     match req.op {
         Op::Read => {
             let buf = req.buf.take().ok_or(Errno::EINVAL)?;
-            let (result, buf) =
-                transfer::read(state.target, buf, req.offset, u64::from(host.align)).await;
+            let (result, buf) = transfer::read(
+                state.target,
+                buf,
+                req.offset,
+                u64::from(host.align),
+                host.direct,
+            )
+            .await;
             req.buf = Some(buf);
             result
         }
         Op::Write => {
             let buf = req.buf.take().ok_or(Errno::EINVAL)?;
-            let (result, buf) =
-                transfer::write(state.target, buf, req.offset, rw_flags(host, req.flags)).await;
+            let (result, buf) = transfer::write(
+                state.target,
+                buf,
+                req.offset,
+                rw_flags(host, req.flags),
+                host.direct,
+            )
+            .await;
             req.buf = Some(buf);
             result
         }

@@ -33,6 +33,9 @@ fn step(res: i32, retries: &mut u32) -> Result<Step, Errno> {
     }
 }
 
+/// With `eager`, each op goes to the kernel as soon as it is queued (`O_DIRECT`: see
+/// the module essay of the driver) instead of with the loop iteration's batch.
+///
 /// Fills `buf` from `offset`. Bytes past the end of the file read as zeroes. With
 /// `O_DIRECT` (`align > 1`), a transfer that stops at an unaligned length has reached
 /// the end of the file (the kernel returns unaligned counts only there).
@@ -41,16 +44,21 @@ pub(super) async fn read(
     mut buf: Buffer,
     offset: u64,
     align: u64,
+    eager: bool,
 ) -> (Result<(), Errno>, Buffer) {
     let len = buf.len();
     let mut done = 0;
     let mut retries = 0;
     while done < len {
-        let (res, b) = if done == 0 {
-            ring::read_at(target, buf, offset).await
+        let op = if done == 0 {
+            ring::read_at(target, buf, offset)
         } else {
-            ring::read_at_from(target, buf, done, offset + done as u64).await
+            ring::read_at_from(target, buf, done, offset + done as u64)
         };
+        if eager {
+            ring::submit_now();
+        }
+        let (res, b) = op.await;
         buf = b;
         match step(res, &mut retries) {
             Ok(Step::Moved(0)) => break,
@@ -74,16 +82,21 @@ pub(super) async fn write(
     mut buf: Buffer,
     offset: u64,
     rw_flags: i32,
+    eager: bool,
 ) -> (Result<(), Errno>, Buffer) {
     let len = buf.len();
     let mut done = 0;
     let mut retries = 0;
     while done < len {
-        let (res, b) = if done == 0 {
-            ring::write_at(target, buf, offset, rw_flags).await
+        let op = if done == 0 {
+            ring::write_at(target, buf, offset, rw_flags)
         } else {
-            ring::write_at_from(target, buf, done, offset + done as u64, rw_flags).await
+            ring::write_at_from(target, buf, done, offset + done as u64, rw_flags)
         };
+        if eager {
+            ring::submit_now();
+        }
+        let (res, b) = op.await;
         buf = b;
         match step(res, &mut retries) {
             // No progress and no error: the device takes no more (as pwrite(2) would).

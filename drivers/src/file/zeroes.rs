@@ -132,7 +132,8 @@ async fn write_zero_buffers(state: &QueueState, offset: u64, len: u64) -> Result
     while done < len {
         let n = (len - done).min(ZERO_CHUNK);
         buf.set_len(n as usize);
-        let (result, b) = super::transfer::write(state.target, buf, offset + done, 0).await;
+        let (result, b) =
+            super::transfer::write(state.target, buf, offset + done, 0, state.host.direct).await;
         buf = b;
         result?;
         done += n;
