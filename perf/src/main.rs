@@ -60,7 +60,7 @@ struct Args {
     #[arg(long = "poll-mode", default_value = "hybrid")]
     poll_mode: PollMode,
     /// Hybrid mode: microseconds a reactor spins without work before it sleeps.
-    #[arg(long = "idle-budget-us", default_value_t = 50)]
+    #[arg(long = "idle-budget-us", default_value_t = strata_engine::reactor::DEFAULT_IDLE_BUDGET_US)]
     idle_budget_us: u64,
     /// Print the results as one JSON document on stdout (progress goes to stderr).
     #[arg(long)]

@@ -81,6 +81,12 @@ impl fmt::Display for PollMode {
     }
 }
 
+/// Default hybrid idle budget. Measured on 4 KiB O_DIRECT reads at queue depth 32 (a
+/// virtio disk, ~90k IOPS): 10 us kept fio's IOPS with ~20% less CPU than 50 us, whose
+/// spinning between completions bought nothing; with work always pending (memory,
+/// page cache) the budget never expires and does not matter.
+pub const DEFAULT_IDLE_BUDGET_US: u64 = 10;
+
 /// Engine settings.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -102,7 +108,7 @@ impl Default for EngineConfig {
         EngineConfig {
             cores: CpuSet::allowed(),
             poll_mode: PollMode::Hybrid,
-            idle_budget: Duration::from_micros(50),
+            idle_budget: Duration::from_micros(DEFAULT_IDLE_BUDGET_US),
             ring_entries: 1024,
             inbox_capacity: 4096,
             pin: true,

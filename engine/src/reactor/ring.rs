@@ -98,18 +98,14 @@ pub(crate) struct Ring {
 impl Ring {
     pub(crate) fn new(entries: u32, eventfd: RawFd) -> std::io::Result<Ring> {
         let cq = entries.saturating_mul(4);
-        let plain = std::env::var_os("STRATA_RING_PLAIN").is_some();
-        let (uring, flavor) = match if plain {
-            Err(std::io::Error::other("plain"))
-        } else {
-            IoUring::builder()
-                .setup_cqsize(cq)
-                .setup_single_issuer()
-                .setup_defer_taskrun()
-                .setup_taskrun_flag()
-                .setup_clamp()
-                .build(entries)
-        } {
+        let (uring, flavor) = match IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_clamp()
+            .build(entries)
+        {
             Ok(u) => (u, RingFlavor::DeferTaskrun),
             Err(_) => (
                 IoUring::builder()
