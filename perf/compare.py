@@ -288,6 +288,26 @@ class Case:
 # ---------------------------------------------------------------------------- runner
 
 
+# Maps a file and mlocks it, so its page cache stays resident for the run (this host
+# evicts the page cache of ext4 files within seconds). Printed "locked" means ready.
+MLOCK_SNIPPET = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+if addr is None or addr == ctypes.c_void_p(-1).value:
+    sys.exit("mmap failed: " + os.strerror(ctypes.get_errno()))
+if libc.mlock(addr, size) != 0:
+    sys.exit("mlock failed: " + os.strerror(ctypes.get_errno()))
+print("locked", flush=True)
+signal.pause()
+"""
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.a = args
@@ -298,6 +318,8 @@ class Bench:
         self.fio_fixed: tuple[float, float] | None = None
         self.shm_file: Path | None = None
         self.direct_file: Path | None = None
+        self.pagecache_file: Path | None = None
+        self.locker: subprocess.Popen | None = None
         self.created: list[Path] = []
 
     def log(self, msg: str) -> None:
@@ -335,6 +357,20 @@ class Bench:
                 )
             self.shm_file = shm / "strata-compare-buffered.img"
             self.make_file(self.shm_file, "page-cache (tmpfs)")
+        if "pagecache" in groups:
+            self.pagecache_file = Path(self.a.dir) / "strata-compare-pagecache.img"
+            self.make_file(self.pagecache_file, "page-cache (mlocked)")
+            self.locker = subprocess.Popen(
+                [sys.executable, "-c", MLOCK_SNIPPET, str(self.pagecache_file)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            line = self.locker.stdout.readline().strip() if self.locker.stdout else ""
+            if line != "locked":
+                err = self.locker.stderr.read() if self.locker.stderr else ""
+                raise SystemExit(f"compare: cannot mlock {self.pagecache_file}: {err.strip() or line}")
+            self.log(f"  {self.pagecache_file} is resident and locked in the page cache")
         if "direct" in groups:
             d = Path(self.a.dir)
             if fs_type(d) in ("tmpfs", "ramfs"):
@@ -356,12 +392,15 @@ class Bench:
                 ) from None
 
     def cleanup(self) -> None:
+        if self.locker:
+            self.locker.kill()
+            self.locker.wait()
         if self.a.keep_files:
-            for p in (self.shm_file, self.direct_file):
+            for p in (self.shm_file, self.direct_file, self.pagecache_file):
                 if p:
                     self.log(f"keeping {p}")
             return
-        for p in (self.shm_file, self.direct_file):
+        for p in (self.shm_file, self.direct_file, self.pagecache_file):
             if p:
                 try:
                     p.unlink()
@@ -650,8 +689,8 @@ class Bench:
                 self.qemu_img(case, "qemu-img bench", ["--image-opts", null], note="sequential offsets"),
             )
             self.add(case, self.fio(case, "fio null", ["--ioengine=null", f"--size={size}"]))
-        elif case.group == "buffered":
-            f = str(self.shm_file)
+        elif case.group in ("buffered", "pagecache"):
+            f = str(self.shm_file if case.group == "buffered" else self.pagecache_file)
             self.add(case, self.strata(case, f"driver=file,filename={f}"))
             base = ["--ioengine=io_uring", f"--filename={f}"]
             self.add(case, self.fio(case, "fio io_uring", base))
@@ -687,6 +726,7 @@ def all_cases() -> list[Case]:
         Case("null-randread-qd1", "null", "null: 4k randread qd1", "randread", 1),
         Case("null-randread-qd32", "null", "null: 4k randread qd32", "randread", 32),
         Case("buffered-randread-qd32", "buffered", "file, page cache (tmpfs): 4k randread qd32", "randread", 32),
+        Case("pagecache-randread-qd32", "pagecache", "file, page cache (ext4, mlocked): 4k randread qd32", "randread", 32),
         Case("direct-randread-qd32", "direct", "file, O_DIRECT: 4k randread qd32", "randread", 32),
         Case("direct-randwrite-qd32", "direct", "file, O_DIRECT: 4k randwrite qd32", "randwrite", 32),
     ]  # fmt: skip
@@ -779,8 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time", type=float, default=5.0, help="seconds per run (default 5)")
     ap.add_argument(
         "--only",
-        default="null,buffered,direct",
-        help="comma-separated groups: null, buffered, direct (default all)",
+        default="null,buffered,pagecache,direct",
+        help="comma-separated groups: null, buffered, pagecache, direct (default all)",
     )
     ap.add_argument("--strata-perf", default=str(DEFAULT_STRATA_PERF), help="strata-perf binary")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build for strata-perf")
@@ -797,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     groups = {g.strip() for g in a.only.split(",") if g.strip()}
-    bad = groups - {"null", "buffered", "direct"}
+    bad = groups - {"null", "buffered", "pagecache", "direct"}
     if bad or not groups:
         ap.error(f"--only: unknown group(s) {', '.join(sorted(bad)) or '(none given)'}")
     if a.time <= 0 or a.repeat < 1:
