@@ -123,11 +123,19 @@ impl Buffer {
 
 fn capacity_for(len: usize) -> usize {
     let len = len.max(1);
-    if len <= POOL_MAX_CLASS {
+    let cap = if len <= POOL_MAX_CLASS {
         len.next_power_of_two().max(BUFFER_ALIGN)
     } else {
-        len.div_ceil(BUFFER_ALIGN) * BUFFER_ALIGN
-    }
+        len.checked_next_multiple_of(BUFFER_ALIGN)
+            .unwrap_or(usize::MAX)
+    };
+    // A request this large is a caller bug (requests are checked against the node's
+    // maximum transfer first); fail loudly rather than allocate a wrapped-around size.
+    assert!(
+        cap >= len && cap <= isize::MAX as usize / 2,
+        "BUG: buffer of {len} bytes requested"
+    );
+    cap
 }
 
 impl Deref for Buffer {
@@ -274,6 +282,12 @@ mod tests {
         drop(b);
         assert!(Buffer::zeroed(4096).iter().all(|&x| x == 0));
         assert_eq!(&*Buffer::from_slice(b"abc"), b"abc");
+    }
+
+    #[test]
+    fn an_absurd_length_panics_instead_of_wrapping() {
+        let r = std::panic::catch_unwind(|| Buffer::new(usize::MAX - 100));
+        assert!(r.is_err());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 
 use std::fmt;
 
+/// CPUs the kernel's affinity calls can name (`CPU_SETSIZE`).
+pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
+
 /// An ordered set of CPU numbers: reactor `i` runs on `cpus()[i]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CpuSet {
@@ -30,13 +33,10 @@ impl CpuSet {
 
     /// A set of the given CPUs (order kept, duplicates removed).
     pub fn from_cpus(cpus: impl IntoIterator<Item = usize>) -> CpuSet {
-        let mut out: Vec<usize> = Vec::new();
-        for c in cpus {
-            if !out.contains(&c) {
-                out.push(c);
-            }
+        let mut seen = std::collections::HashSet::new();
+        CpuSet {
+            cpus: cpus.into_iter().filter(|c| seen.insert(*c)).collect(),
         }
-        CpuSet { cpus: out }
     }
 
     /// Parses a core list (`0,1,4-6`, optionally in brackets) or a hex mask (`0x3`).
@@ -65,9 +65,24 @@ impl CpuSet {
                     if a > b {
                         return Err(bad());
                     }
+                    if b >= MAX_CPUS {
+                        return Err(format!(
+                            "CPU {b} in '{s}' is beyond the largest CPU number ({})",
+                            MAX_CPUS - 1
+                        ));
+                    }
                     cpus.extend(a..=b);
                 }
-                None => cpus.push(part.parse().map_err(|_| bad())?),
+                None => {
+                    let c: usize = part.parse().map_err(|_| bad())?;
+                    if c >= MAX_CPUS {
+                        return Err(format!(
+                            "CPU {c} in '{s}' is beyond the largest CPU number ({})",
+                            MAX_CPUS - 1
+                        ));
+                    }
+                    cpus.push(c);
+                }
             }
         }
         if cpus.is_empty() {
@@ -138,9 +153,12 @@ mod tests {
 
     #[test]
     fn rejects_nonsense_with_a_message() {
-        for bad in ["", "x", "3-1", "0x", "0x0", "1,,a"] {
+        for bad in ["", "x", "3-1", "0x", "0x0", "1,,a", "0-4000000000", "99999"] {
             let e = CpuSet::parse(bad).unwrap_err();
-            assert!(e.contains(bad) || e.contains("no CPU"), "{bad}: {e}");
+            assert!(
+                e.contains(bad) || e.contains("no CPU") || e.contains("beyond"),
+                "{bad}: {e}"
+            );
         }
     }
 

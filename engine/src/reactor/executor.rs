@@ -139,8 +139,14 @@ impl Executor {
             }
         };
         if done {
-            // Drop the future before touching the slab: its destructor may spawn or wake.
-            drop(fut);
+            // Drop the future before touching the slab: its destructor may spawn or wake,
+            // and may panic, which must not take the reactor down.
+            if catch_unwind(AssertUnwindSafe(move || drop(fut))).is_err() {
+                eprintln!(
+                    "strata: a task's destructor panicked on reactor gid {}",
+                    self.gid
+                );
+            }
             let mut slots = self.slots.borrow_mut();
             let slot = &mut slots[index as usize];
             slot.live = false;
@@ -166,7 +172,9 @@ impl Executor {
                 })
                 .collect()
         };
-        drop(futures);
+        for fut in futures {
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+        }
         self.ready.borrow_mut().clear();
         self.live.set(0);
     }

@@ -50,6 +50,9 @@ pub(crate) struct Inbox {
     queue: ArrayQueue<Message>,
     eventfd: OwnedFd,
     sleeping: AtomicBool,
+    /// Set when the reactor has stopped (or died): messages are dropped on arrival, so
+    /// their reply senders cancel and nobody waits on a reactor that will never answer.
+    closed: AtomicBool,
 }
 
 impl Inbox {
@@ -65,6 +68,7 @@ impl Inbox {
             queue: ArrayQueue::new(capacity.max(2)),
             eventfd,
             sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -74,6 +78,10 @@ impl Inbox {
 
     /// Queues `msg` if there is room, waking the reactor if it sleeps.
     pub(crate) fn try_push(&self, msg: Message) -> Result<(), Message> {
+        if self.closed.load(Ordering::Acquire) {
+            drop(msg);
+            return Ok(());
+        }
         self.queue.push(msg)?;
         self.kick();
         Ok(())
@@ -109,6 +117,14 @@ impl Inbox {
             debug_assert!(
                 n == 8 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
             );
+        }
+    }
+
+    /// Marks the reactor gone and drops what is queued (their repliers cancel).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        while let Some(msg) = self.queue.pop() {
+            drop(msg);
         }
     }
 

@@ -41,6 +41,7 @@ use std::fmt;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::{Arc, RwLock};
+use std::task::Waker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use timer::Timers;
@@ -193,19 +194,16 @@ fn with_ring<R>(f: impl FnOnce(&mut Ring) -> R) -> R {
 }
 
 /// Runs `f` on the calling reactor's ring if it can be reached (not during thread exit
-/// or while the ring is borrowed); returns whether it ran.
-fn try_with_ring(f: impl FnOnce(&mut Ring)) -> bool {
+/// or while the ring is borrowed).
+fn try_with_ring<R>(f: impl FnOnce(&mut Ring) -> R) -> Option<R> {
     CORE.try_with(|c| {
-        if let Ok(c) = c.try_borrow()
-            && let Some(core) = c.as_ref()
-            && let Ok(mut ring) = core.ring.try_borrow_mut()
-        {
-            f(&mut ring);
-            return true;
-        }
-        false
+        let c = c.try_borrow().ok()?;
+        let core = c.as_ref()?;
+        let mut ring = core.ring.try_borrow_mut().ok()?;
+        Some(f(&mut ring))
     })
-    .unwrap_or(false)
+    .ok()
+    .flatten()
 }
 
 /// Whether the calling thread is a reactor.
@@ -451,6 +449,15 @@ fn reactor_main(
     shared: Arc<Shared>,
     ready: Replier<std::io::Result<()>>,
 ) {
+    /// Closes the inbox when the thread leaves, normally or by a panic, so senders get
+    /// `Canceled` instead of waiting forever on a reactor that is gone.
+    struct CloseOnExit(Arc<Inbox>);
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(shared.inboxes[index].clone());
     if shared.config.pin && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         ready.send(Err(std::io::Error::other(format!(
             "cannot pin reactor {index} to CPU {cpu}"
@@ -483,6 +490,8 @@ fn reactor_main(
     CORE.with(|c| *c.borrow_mut() = Some(core.clone()));
     ready.send(Ok(()));
     run_loop(&core);
+    // From here on messages (including wakes from destructors below) are dropped.
+    core.inbox.close();
     // Shutdown order: tasks first (their in-flight ops become abandoned), then the ring,
     // whose Drop cancels and reaps everything still in flight (ring ownership rule 3).
     core.executor.clear();
@@ -496,8 +505,17 @@ fn run_loop(core: &Core) {
     let budget = core.engine.config.idle_budget;
     let mut idle_since: Option<Instant> = None;
     let mut woken = Vec::new();
+    let mut dead = Vec::new();
     loop {
-        let (completions, _) = core.ring.borrow_mut().reap();
+        let completions = {
+            let mut ring = core.ring.borrow_mut();
+            let (n, _) = ring.reap_cqes();
+            ring.take_woken(&mut woken, &mut dead);
+            n
+        };
+        // Outside the ring's borrow: wakers and destructors may use the ring.
+        woken.drain(..).for_each(Waker::wake);
+        dead.clear();
         let ran = core.executor.run_ready();
         let messages = handle_inbox(core);
         if core.stop.get() {

@@ -14,14 +14,20 @@
 //!    with the result. No operation borrows memory.
 //! 2. **Dropping the future does not end the operation.** If a [`RingOp`] is dropped while
 //!    in flight (a task was cancelled, a connection closed), its resources move into the
-//!    op's slot in the ring ("abandoned") and are freed when the CQE finally arrives.
-//!    Cancelling is a separate, explicit request to the kernel; it too ends with a CQE.
+//!    op's slot in the ring ("abandoned") and are freed when the CQE finally arrives. The
+//!    ring also asks the kernel to cancel the op (a read on an idle socket would otherwise
+//!    never end) and submits what is queued at once, so the op holds its own reference to
+//!    its file before anyone closes it. Resources and wakers are released only after the
+//!    ring's borrow ends: their destructors may use the ring.
 //! 3. **Dropping the ring waits for every in-flight completion.** [`Ring`]'s `Drop` asks the
 //!    kernel to cancel everything still in flight, then reaps until no operation is left,
 //!    and only then frees slots and unmaps the ring. Memory the kernel may still write is
 //!    never freed first.
-//! 4. **A failed submission hands the request back.** If the submission queue is full the
-//!    ring first submits what is queued to make room; an op is never silently lost.
+//! 4. **A full queue never loses an op.** If the submission queue is full the ring first
+//!    submits what is queued (and, if the completion queue is full too, moves completions
+//!    into their slots) to make room; a slot is marked in flight only once its entry is
+//!    queued. Unregistering a file submits queued entries first, so an entry never reaches
+//!    a different file registered later under the same index.
 //! 5. **One thread.** A ring belongs to the reactor thread that created it
 //!    (`IORING_SETUP_SINGLE_ISSUER`); [`RingOp`] and [`FixedFile`] are `!Send`.
 //!
@@ -38,7 +44,7 @@
 
 use crate::buffer::Buffer;
 use crate::errno::Errno;
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, opcode, squeue, types};
 use std::any::Any;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -93,6 +99,12 @@ pub(crate) struct Ring {
     fixed_ok: bool,
     /// Free indices of the registered-buffer table (empty if the kernel refused one).
     fixed_buf_free: Vec<u32>,
+    /// Wakers of ops completed by the last reap, to be woken once the ring is no longer
+    /// borrowed (a waker may run code that uses the ring).
+    woken: Vec<Waker>,
+    /// Resources of abandoned ops whose completion arrived: dropped outside the borrow
+    /// for the same reason (their destructors may use the ring).
+    graveyard: Vec<Box<dyn Any>>,
 }
 
 impl Ring {
@@ -137,6 +149,8 @@ impl Ring {
                 Vec::new()
             },
             fixed_ok,
+            woken: Vec::new(),
+            graveyard: Vec::new(),
             fixed_buf_free: if bufs_ok {
                 (0..FIXED_BUFFERS).rev().collect()
             } else {
@@ -191,8 +205,11 @@ impl Ring {
                     if e.raw_os_error() == Some(libc::EBUSY)
                         || e.raw_os_error() == Some(libc::EAGAIN) =>
                 {
-                    // CQ overflow back-pressure: reap to make room, then retry.
-                    self.uring.submit_and_wait(1).ok();
+                    // Completion queue full: move completions into their slots (their
+                    // wakers run later, from the loop) to make room, then retry.
+                    if self.reap_cqes().0 == 0 {
+                        self.enter(1, Some(Duration::from_millis(1)));
+                    }
                 }
                 Err(e) => panic!("BUG: io_uring_enter failed while submitting: {e}"),
             }
@@ -212,10 +229,11 @@ impl Ring {
                 u32::try_from(self.slots.len() - 1).expect("BUG: slot table overflow")
             }
         };
-        self.slots[slot as usize] = Slot::Waiting(None);
-        self.inflight += 1;
         // SAFETY: forwarded to our caller.
         unsafe { self.push(&entry.user_data(u64::from(slot))) };
+        // Marked only once queued: a push that panicked leaves no phantom op in flight.
+        self.slots[slot as usize] = Slot::Waiting(None);
+        self.inflight += 1;
         slot
     }
 
@@ -241,15 +259,30 @@ impl Ring {
         }
     }
 
-    /// The op's future was dropped: keep `keep` alive until the CQE (rule 2).
-    fn abandon(&mut self, slot: u32, keep: Box<dyn Any>) {
+    /// The op's future was dropped: keep `keep` alive until the CQE (rule 2), and ask the
+    /// kernel to cancel the op (a read on an idle socket would otherwise never end). The
+    /// queued entries are submitted first, so the op holds its own reference to its file
+    /// before the caller may close or unregister it. Returns `keep` when the op had
+    /// already completed, for the caller to drop outside the ring's borrow.
+    fn abandon(&mut self, slot: u32, keep: Box<dyn Any>) -> Option<Box<dyn Any>> {
         let s = &mut self.slots[slot as usize];
         match s {
             Slot::Done(_) => {
                 *s = Slot::Free;
                 self.free.push(slot);
+                Some(keep)
             }
-            Slot::Waiting(_) => *s = Slot::Abandoned(keep),
+            Slot::Waiting(_) => {
+                *s = Slot::Abandoned(keep);
+                let cancel = opcode::AsyncCancel::new(u64::from(slot))
+                    .build()
+                    .user_data(CANCEL_TOKEN);
+                // SAFETY: a cancel carries no pointers.
+                unsafe { self.push(&cancel) };
+                self.internal += 1;
+                self.enter(0, None);
+                None
+            }
             Slot::Free | Slot::Abandoned(_) => panic!("BUG: abandoned ring slot {slot} twice"),
         }
     }
@@ -290,12 +323,13 @@ impl Ring {
         }
     }
 
-    /// Reaps every available completion, waking the tasks that wait for them. Returns
-    /// the number of completions and whether the inbox eventfd fired.
-    pub(crate) fn reap(&mut self) -> (usize, bool) {
+    /// Moves every available completion into its slot. Wakers go to `woken` and the
+    /// resources of abandoned ops to `graveyard`, both for [`Ring::take_woken`]'s caller to
+    /// handle once the ring is no longer borrowed. Returns the number of completions and
+    /// whether the inbox eventfd fired.
+    pub(crate) fn reap_cqes(&mut self) -> (usize, bool) {
         let mut n = 0;
         let mut eventfd_fired = false;
-        let mut woken: Vec<Waker> = Vec::new();
         {
             let cq = self.uring.completion();
             for cqe in cq {
@@ -311,12 +345,12 @@ impl Ring {
                         let s = &mut self.slots[slot as usize];
                         self.inflight -= 1;
                         match std::mem::replace(s, Slot::Done(cqe.result())) {
-                            Slot::Waiting(Some(w)) => woken.push(w),
+                            Slot::Waiting(Some(w)) => self.woken.push(w),
                             Slot::Waiting(None) => {}
                             Slot::Abandoned(keep) => {
                                 *s = Slot::Free;
                                 self.free.push(slot as u32);
-                                drop(keep);
+                                self.graveyard.push(keep);
                             }
                             Slot::Free | Slot::Done(_) => {
                                 panic!("BUG: completion for idle slot {slot}")
@@ -324,16 +358,19 @@ impl Ring {
                         }
                     }
                 }
-                let _ = cqueue::more(cqe.flags());
             }
-        }
-        for w in woken {
-            w.wake();
         }
         if eventfd_fired {
             self.arm_eventfd();
         }
         (n, eventfd_fired)
+    }
+
+    /// Hands out what the last reaps left to do outside the borrow: wakers to wake and
+    /// resources to drop. `into` is a reused vector (no allocation per loop iteration).
+    pub(crate) fn take_woken(&mut self, into: &mut Vec<Waker>, dead: &mut Vec<Box<dyn Any>>) {
+        into.append(&mut self.woken);
+        dead.append(&mut self.graveyard);
     }
 
     /// Registers `fd` in this ring's file table.
@@ -394,8 +431,10 @@ impl Ring {
     }
 
     pub(crate) fn unregister_file(&mut self, index: u32) {
-        // Ops already submitted hold their own reference to the file: removing the table
-        // entry is safe while they are in flight.
+        // Ops already submitted hold their own reference to the file, but queued entries
+        // look the index up only when submitted: submit them first, so none of them can
+        // reach a file registered later under the same index.
+        self.enter(0, None);
         if self
             .uring
             .submitter()
@@ -410,19 +449,46 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         self.closing = true;
-        if self.inflight + self.internal > 0 {
-            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        // Complete the armed eventfd read by giving it something to read; cancel every op
+        // still in flight one by one (`AsyncCancel` by user_data works on every kernel with
+        // io_uring cancel; the "cancel any" form needs 5.19).
+        if self.eventfd_armed {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.eventfd, (&one as *const u64).cast(), 8) };
+        }
+        let pending: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&i| {
+                matches!(
+                    self.slots[i as usize],
+                    Slot::Waiting(_) | Slot::Abandoned(_)
+                )
+            })
+            .collect();
+        for slot in pending {
+            let cancel = opcode::AsyncCancel::new(u64::from(slot))
                 .build()
                 .user_data(CANCEL_TOKEN);
             // SAFETY: a cancel carries no pointers.
             unsafe { self.push(&cancel) };
             self.internal += 1;
         }
+        let mut rounds = 0u32;
         while self.inflight + self.internal > 0 {
             self.enter(1, Some(Duration::from_millis(100)));
-            self.reap();
+            self.reap_cqes();
+            rounds += 1;
+            if rounds % 100 == 0 {
+                eprintln!(
+                    "strata: reactor shutdown still waits for {} io_uring completion(s) after {} s",
+                    self.inflight + self.internal,
+                    rounds / 10
+                );
+            }
         }
-        // Every CQE is reaped: resources of abandoned ops are freed, eventfd_buf is free.
+        // Every CQE is reaped: nothing the kernel may touch is left. The tasks are gone, so
+        // the wakers are dropped unwoken; the abandoned resources are freed with the ring.
+        self.woken.clear();
     }
 }
 
@@ -484,6 +550,8 @@ impl<T: 'static> Future for RingOp<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, T)> {
         // SAFETY: RingOp is not structurally pinned: no field is ever pinned.
         let this = unsafe { self.get_unchecked_mut() };
+        // Checked first: a finished op's slot may already belong to another op.
+        assert!(!this.done, "BUG: RingOp polled after completion");
         let res = std::task::ready!(super::with_ring(
             |ring| ring.poll_slot(this.slot, cx.waker())
         ));
@@ -502,13 +570,16 @@ impl<T: 'static> Drop for RingOp<T> {
         if !self.done {
             let mut keep = Some(Box::new(self.keep.take()) as Box<dyn Any>);
             let slot = self.slot;
-            let handed = super::try_with_ring(|ring| {
+            match super::try_with_ring(|ring| {
                 ring.abandon(slot, keep.take().expect("BUG: keep taken twice"))
-            });
-            if !handed {
-                // The ring is out of reach, so nobody can tell when the kernel is done
-                // with these resources: leak them rather than free memory it may write.
-                std::mem::forget(keep);
+            }) {
+                // Already complete: drop the resources now, outside the ring's borrow.
+                Some(done) => drop(done),
+                None => {
+                    // The ring is out of reach, so nobody can tell when the kernel is done
+                    // with these resources: leak them rather than free memory it may write.
+                    std::mem::forget(keep);
+                }
             }
         }
     }
@@ -732,16 +803,33 @@ impl FixedBuf {
     }
 }
 
-impl std::ops::Deref for FixedBuf {
-    type Target = Buffer;
-    fn deref(&self) -> &Buffer {
+impl FixedBuf {
+    fn buffer(&self) -> &Buffer {
         self.buf.as_ref().expect("BUG: FixedBuf without its buffer")
+    }
+
+    fn buffer_mut(&mut self) -> &mut Buffer {
+        self.buf.as_mut().expect("BUG: FixedBuf without its buffer")
+    }
+
+    /// Sets the length used by the next op (up to the registered capacity).
+    pub fn set_len(&mut self, len: usize) {
+        self.buffer_mut().set_len(len);
+    }
+}
+
+// Deref to the bytes only: handing out `&mut Buffer` would let a caller swap the
+// registered memory out of the set while it is registered.
+impl std::ops::Deref for FixedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buffer()
     }
 }
 
 impl std::ops::DerefMut for FixedBuf {
-    fn deref_mut(&mut self) -> &mut Buffer {
-        self.buf.as_mut().expect("BUG: FixedBuf without its buffer")
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buffer_mut()
     }
 }
 
@@ -756,7 +844,7 @@ impl Drop for FixedBuf {
 /// `read_at` into a registered buffer (`IORING_OP_READ_FIXED`).
 pub fn read_fixed(target: Target, mut buf: FixedBuf, offset: u64) -> RingOp<FixedBuf> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let ptr = buf.as_mut_ptr();
+    let ptr = buf.buffer_mut().as_mut_ptr();
     let index = buf.index as u16;
     let entry = with_target!(target, |t| opcode::ReadFixed::new(t, ptr, len, index)
         .offset(offset)
@@ -769,7 +857,7 @@ pub fn read_fixed(target: Target, mut buf: FixedBuf, offset: u64) -> RingOp<Fixe
 /// `write_at` from a registered buffer (`IORING_OP_WRITE_FIXED`).
 pub fn write_fixed(target: Target, buf: FixedBuf, offset: u64, rw_flags: i32) -> RingOp<FixedBuf> {
     let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-    let ptr = buf.as_ptr();
+    let ptr = buf.buffer().as_ptr();
     let index = buf.index as u16;
     let entry = with_target!(target, |t| opcode::WriteFixed::new(t, ptr, len, index)
         .offset(offset)

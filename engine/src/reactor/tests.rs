@@ -281,3 +281,128 @@ fn registered_buffers_read_and_write_and_return_to_their_set() {
     drop(file);
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn a_queued_op_on_a_dropped_fixed_file_never_reaches_the_next_file_in_its_slot() {
+    let dir = std::env::temp_dir().join(format!("strata-fixed-reuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let open = |name: &str| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join(name))
+            .unwrap();
+        f.set_len(8192).unwrap();
+        f
+    };
+    let (a, b) = (open("a"), open("b"));
+    let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+    let e = engine(1, PollMode::Hybrid);
+    let res = e
+        .spawn(0, move || async move {
+            let fixed_a = ring::FixedFile::register(fa).unwrap();
+            // Queued, not yet submitted: the loop submits at the end of the iteration.
+            let op = ring::write_at(fixed_a.target(), Buffer::from_slice(&[0xa5; 4096]), 0, 0);
+            drop(fixed_a);
+            let fixed_b = ring::FixedFile::register(fb).unwrap();
+            let (res, _) = op.await;
+            drop(fixed_b);
+            res
+        })
+        .wait()
+        .unwrap();
+    assert_eq!(res, 4096);
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert!(
+        read("a")[..4096].iter().all(|&x| x == 0xa5),
+        "the write went to the file it named"
+    );
+    assert!(
+        read("b").iter().all(|&x| x == 0),
+        "the file registered next in the slot is untouched"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Resources whose destructor uses the ring (as a file closing itself would).
+struct UsesRingOnDrop(Rc<Cell<bool>>);
+
+impl Drop for UsesRingOnDrop {
+    fn drop(&mut self) {
+        let _ = stats(); // borrows the ring
+        submit_now_for_test();
+        self.0.set(true);
+    }
+}
+
+fn submit_now_for_test() {
+    ring::submit_now();
+}
+
+#[test]
+fn destructors_of_abandoned_ops_may_use_the_ring() {
+    let e = engine(1, PollMode::Hybrid);
+    let dropped = e
+        .spawn(0, || async {
+            let flag = Rc::new(Cell::new(false));
+            let entry = io_uring::opcode::Nop::new().build();
+            // SAFETY: a nop carries no pointers.
+            let op = unsafe { ring::RingOp::start(entry, UsesRingOnDrop(flag.clone())) };
+            drop(op); // abandoned; its completion arrives in a later reap
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !flag.get() && Instant::now() < deadline {
+                yield_now().await;
+            }
+            flag.get()
+        })
+        .wait()
+        .unwrap();
+    assert!(
+        dropped,
+        "the abandoned op's resources were dropped after its completion"
+    );
+    assert_eq!(e.call(0, || 7).wait().unwrap(), 7, "the reactor survived");
+}
+
+#[test]
+fn a_panicking_destructor_does_not_take_the_reactor_down() {
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("deliberate panic in a destructor");
+        }
+    }
+    let e = engine(1, PollMode::Hybrid);
+    let _ = e
+        .spawn(0, || async {
+            let bomb = Bomb;
+            yield_now().await;
+            drop(bomb);
+        })
+        .wait();
+    assert_eq!(
+        e.call(0, || 9)
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap(),
+        9
+    );
+}
+
+#[test]
+fn a_stopped_reactor_cancels_requests_instead_of_hanging() {
+    let e = engine(2, PollMode::Hybrid);
+    e.send(1, Message::Stop);
+    std::thread::sleep(Duration::from_millis(100));
+    let r = e.call(1, || 1).wait_timeout(Duration::from_secs(5));
+    assert!(
+        matches!(r, Err(Some(Canceled))),
+        "a request to a stopped reactor is canceled"
+    );
+    assert_eq!(
+        e.call(0, || 2).wait().unwrap(),
+        2,
+        "the other reactor still serves"
+    );
+}

@@ -67,14 +67,16 @@ impl Timers {
 #[derive(Debug)]
 pub struct Sleep {
     deadline: Instant,
-    registered: bool,
+    /// The waker registered last; a poll with a different one registers again (a stale
+    /// entry only causes a spurious wake).
+    registered: Option<Waker>,
 }
 
 impl Sleep {
     pub(crate) fn new(deadline: Instant) -> Sleep {
         Sleep {
             deadline,
-            registered: false,
+            registered: None,
         }
     }
 
@@ -90,8 +92,12 @@ impl Future for Sleep {
         if Instant::now() >= self.deadline {
             return Poll::Ready(());
         }
-        if !self.registered {
-            self.registered = true;
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.registered = Some(cx.waker().clone());
             let deadline = self.deadline;
             super::with_core(|core| core.timers.borrow_mut().add(deadline, cx.waker().clone()));
         }
