@@ -531,7 +531,9 @@ impl<T: 'static> RingOp<T> {
     /// # Safety
     /// Every pointer in `entry` must point into `keep` (which the op owns until its
     /// completion) or into memory that outlives the completion. The caller must be on a
-    /// reactor thread.
+    /// reactor thread. The entry must produce exactly one completion: no multishot ops,
+    /// no `IOSQE_CQE_SKIP_SUCCESS`, no `IOSQE_IO_LINK` chains (the ring may submit between
+    /// two pushes).
     pub unsafe fn start(entry: squeue::Entry, keep: T) -> RingOp<T> {
         // SAFETY: forwarded to our caller.
         let slot = super::with_ring(|ring| unsafe { ring.start(entry) });
