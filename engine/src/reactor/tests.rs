@@ -25,6 +25,40 @@ fn engine(n: usize, mode: PollMode) -> Engine {
     .expect("engine start")
 }
 
+/// A scratch directory for one test, removed when dropped.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("strata-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        ScratchDir(dir)
+    }
+
+    /// A new read-write file of `len` bytes (zeroes) in the directory.
+    fn file(&self, name: &str, len: u64) -> std::fs::File {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(self.0.join(name))
+            .unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.0.join(name)).unwrap()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
 #[test]
 fn call_runs_the_closure_on_the_named_reactor() {
     let e = engine(2, PollMode::Hybrid);
@@ -84,17 +118,8 @@ fn timers_fire_in_deadline_order() {
 
 #[test]
 fn file_read_and_write_through_the_ring_round_trip() {
-    let dir = std::env::temp_dir().join(format!("strata-ring-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("f");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(1 << 20).unwrap();
+    let dir = ScratchDir::new("ring");
+    let file = dir.file("f", 1 << 20);
     let fd = file.as_raw_fd();
     let e = engine(1, PollMode::Hybrid);
     let data = e
@@ -113,7 +138,6 @@ fn file_read_and_write_through_the_ring_round_trip() {
         .unwrap();
     assert!(data.iter().all(|&b| b == 7));
     drop(file);
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -245,17 +269,8 @@ fn idle_hybrid_engine_uses_almost_no_cpu() {
 
 #[test]
 fn registered_buffers_read_and_write_and_return_to_their_set() {
-    let dir = std::env::temp_dir().join(format!("strata-fixed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("f");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(1 << 16).unwrap();
+    let dir = ScratchDir::new("fixed");
+    let file = dir.file("f", 1 << 16);
     let fd = file.as_raw_fd();
     let e = engine(1, PollMode::Hybrid);
     let ok = e
@@ -279,7 +294,6 @@ fn registered_buffers_read_and_write_and_return_to_their_set() {
         .unwrap();
     assert!(ok);
     drop(file);
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
