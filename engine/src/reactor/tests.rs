@@ -298,20 +298,8 @@ fn registered_buffers_read_and_write_and_return_to_their_set() {
 
 #[test]
 fn a_queued_op_on_a_dropped_fixed_file_never_reaches_the_next_file_in_its_slot() {
-    let dir = std::env::temp_dir().join(format!("strata-fixed-reuse-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let open = |name: &str| {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.join(name))
-            .unwrap();
-        f.set_len(8192).unwrap();
-        f
-    };
-    let (a, b) = (open("a"), open("b"));
+    let dir = ScratchDir::new("fixed-reuse");
+    let (a, b) = (dir.file("a", 8192), dir.file("b", 8192));
     let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
     let e = engine(1, PollMode::Hybrid);
     let res = e
@@ -328,7 +316,7 @@ fn a_queued_op_on_a_dropped_fixed_file_never_reaches_the_next_file_in_its_slot()
         .wait()
         .unwrap();
     assert_eq!(res, 4096);
-    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let read = |name: &str| dir.read(name);
     assert!(
         read("a")[..4096].iter().all(|&x| x == 0xa5),
         "the write went to the file it named"
@@ -337,7 +325,6 @@ fn a_queued_op_on_a_dropped_fixed_file_never_reaches_the_next_file_in_its_slot()
         read("b").iter().all(|&x| x == 0),
         "the file registered next in the slot is untouched"
     );
-    std::fs::remove_dir_all(dir).ok();
 }
 
 /// Resources whose destructor uses the ring (as a file closing itself would).
@@ -346,13 +333,9 @@ struct UsesRingOnDrop(Rc<Cell<bool>>);
 impl Drop for UsesRingOnDrop {
     fn drop(&mut self) {
         let _ = stats(); // borrows the ring
-        submit_now_for_test();
+        ring::submit_now();
         self.0.set(true);
     }
-}
-
-fn submit_now_for_test() {
-    ring::submit_now();
 }
 
 #[test]
