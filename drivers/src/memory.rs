@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_size_the_machine_cannot_hold_is_an_error_not_an_abort() {
-        let err = Memory::new(MemoryOptions { size: u64::MAX }).unwrap_err();
+        let err = Memory::new(MemoryOptions { size: 1 << 50 }).unwrap_err();
         assert_eq!(err.errno, Some(Errno::ENOMEM), "{err}");
         assert!(err.message.contains("memory node"), "{err}");
     }

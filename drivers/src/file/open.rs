@@ -44,9 +44,13 @@ impl Host {
         let mut how = OpenOptions::new();
         // std opens with O_CLOEXEC; O_RDWR or O_RDONLY follow from read/write.
         how.read(true).write(!opts.read_only);
+        // O_NONBLOCK so opening a FIFO or a terminal cannot hang the admin thread (they are
+        // refused just below); cleared again once we know it is a file or a block device.
+        let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
         if direct {
-            how.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        how.custom_flags(flags);
         let file = how.open(name).map_err(|e| {
             let mut err = Error::io(format_args!("cannot open '{name}'"), e.into());
             if direct && err.errno == Some(Errno::EINVAL) {
@@ -69,6 +73,19 @@ impl Host {
                 "'{name}' is neither a regular file nor a block device"
             )));
         };
+        // Blocking mode again: io_uring treats O_NONBLOCK files as never-wait and would
+        // fail reads with EAGAIN instead of completing them.
+        // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+        let cleared = unsafe {
+            let fl = libc::fcntl(raw, libc::F_GETFL);
+            fl >= 0 && libc::fcntl(raw, libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(Error::io(
+                format_args!("cannot set up '{name}'"),
+                Errno::last(),
+            ));
+        }
         let size = match kind {
             Kind::Regular => meta.len(),
             Kind::BlockDevice => device_size(raw)

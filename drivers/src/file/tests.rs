@@ -144,6 +144,26 @@ fn a_directory_is_refused_with_a_message() {
     );
 }
 
+#[test]
+fn a_fifo_is_refused_at_once_instead_of_waiting_for_a_writer() {
+    let path = std::env::temp_dir().join(format!("strata-fifo-{}", std::process::id()));
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let spec = format!("driver=file,filename={},read-only=on", path.display());
+    // A blocking open would wait for a writer forever: run it on a thread we can abandon.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(crate::open_keyval(&spec).map(|_| ())).ok());
+    let res = rx.recv_timeout(std::time::Duration::from_secs(10));
+    std::fs::remove_file(&path).ok();
+    let e = res.expect("opening a FIFO must not block").unwrap_err();
+    assert!(
+        e.message
+            .contains("neither a regular file nor a block device"),
+        "{e}"
+    );
+}
+
 /// Bytes `0..len` of the test pattern used below.
 fn ramp(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8 + 1).collect()
