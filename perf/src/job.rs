@@ -59,6 +59,23 @@ pub struct JobResult {
     pub error: Option<String>,
 }
 
+impl JobResult {
+    /// A job that did no I/O, for the reason given.
+    pub fn empty(error: String) -> JobResult {
+        JobResult {
+            ios: 0,
+            failed: 0,
+            verify_errors: 0,
+            first_mismatch: None,
+            first_errno: None,
+            elapsed: Duration::ZERO,
+            cpu: Duration::ZERO,
+            hist: new_histogram(),
+            error: Some(error),
+        }
+    }
+}
+
 struct State {
     spec: JobSpec,
     handle: Handle,
@@ -74,12 +91,18 @@ struct State {
 }
 
 impl State {
+    /// Counts a completion: successes in `ios` and the latency histogram, failures apart
+    /// (a request failing in nanoseconds must not inflate IOPS or lower the latencies).
     #[inline]
     fn record(&self, latency: Duration, result: Result<(), strata_engine::Errno>) {
-        let _ = self.hist.borrow_mut().record(latency.as_nanos() as u64);
-        let ios = self.ios.get() + 1;
-        self.ios.set(ios);
-        self.progress.ios.store(ios, Ordering::Relaxed);
+        if result.is_ok() {
+            self.hist
+                .borrow_mut()
+                .saturating_record(latency.as_nanos() as u64);
+            let ios = self.ios.get() + 1;
+            self.ios.set(ios);
+            self.progress.ios.store(ios, Ordering::Relaxed);
+        }
         if let Err(e) = result {
             let failed = self.failed.get() + 1;
             self.failed.set(failed);
@@ -179,33 +202,49 @@ pub async fn run(
 }
 
 async fn worker(st: Rc<State>) {
-    let io_size = st.spec.io_size;
-    let mut buf = Some(Buffer::new(io_size as usize));
-    if st.spec.workload.writes() {
-        // Non-zero data, so nothing below can shortcut zero writes.
-        fill_pattern(buf.as_mut().expect("BUG: fresh buffer"), 0, 1, st.spec.seed);
+    if st.stopped() {
+        return; // started after the run ended: do not allocate buffers for nothing
     }
+    let io_size = st.spec.io_size as usize;
+    let reads = matches!(
+        st.spec.workload,
+        Workload::Read | Workload::RandRead | Workload::Rw | Workload::RandRw
+    );
+    // Separate buffers, so writes carry non-zero data whatever the reads returned (nothing
+    // below can shortcut zero writes).
+    let mut rbuf = reads.then(|| Buffer::new(io_size));
+    let writes = matches!(
+        st.spec.workload,
+        Workload::Write | Workload::RandWrite | Workload::Rw | Workload::RandRw
+    );
+    let mut wbuf = writes.then(|| {
+        let mut b = Buffer::new(io_size);
+        fill_pattern(&mut b, 0, 1, st.spec.seed);
+        b
+    });
     let mut t0 = Instant::now();
     while !st.stopped() {
         let (op, offset) = st.generator.next();
         let req = match op {
-            Op::Read => Request::read(offset, buf.take().expect("BUG: worker buffer lost")),
+            Op::Read => Request::read(offset, rbuf.take().expect("BUG: worker read buffer lost")),
             Op::Write => Request::write(
                 offset,
-                buf.take().expect("BUG: worker buffer lost"),
+                wbuf.take().expect("BUG: worker write buffer lost"),
                 ReqFlags::NONE,
             ),
             Op::Flush => Request::flush(),
-            Op::Discard => Request::discard(offset, io_size),
-            Op::WriteZeroes => Request::write_zeroes(offset, io_size, ReqFlags::NONE),
-            Op::BlockStatus => Request::block_status(offset, io_size),
+            Op::Discard => Request::discard(offset, io_size as u64),
+            Op::WriteZeroes => Request::write_zeroes(offset, io_size as u64, ReqFlags::NONE),
+            Op::BlockStatus => Request::block_status(offset, io_size as u64),
         };
         let done = st.handle.submit(req).await;
         let t1 = Instant::now();
         st.record(t1 - t0, done.result);
         t0 = t1;
-        if let Some(b) = done.req.buf {
-            buf = Some(b);
+        match (op, done.req.buf) {
+            (Op::Read, b) => rbuf = b,
+            (Op::Write, b) => wbuf = b,
+            _ => {}
         }
     }
 }
@@ -215,7 +254,7 @@ async fn worker(st: Rc<State>) {
 async fn verify_worker(st: Rc<State>, worker: u64) {
     let spec = &st.spec;
     let me = spec.first_worker + worker;
-    if me >= spec.blocks {
+    if me >= spec.blocks || st.stopped() {
         return; // more workers than blocks: nothing of our own to verify
     }
     let io_size = spec.io_size as usize;

@@ -74,9 +74,10 @@ struct Args {
     /// Length of the region to exercise (default: to the end of the node).
     #[arg(long, value_parser = parse_size)]
     length: Option<u64>,
-    /// Seed for offsets and verify data.
-    #[arg(long, default_value_t = 0x5354_5241)]
-    seed: u64,
+    /// Seed for offsets and verify data (default: a new one each run, printed, so data left
+    /// by an earlier run never passes for this run's writes).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Do not pin reactors to their CPUs.
     #[arg(long)]
     no_pin: bool,
@@ -128,12 +129,31 @@ fn run(args: Args) -> Result<ExitCode, String> {
     if args.rwmixread > 100 {
         return Err(format!("-M {} is not a percentage", args.rwmixread));
     }
-    if !(args.time > 0.0 && args.time.is_finite()) {
-        return Err(format!(
-            "-t {} must be a positive number of seconds",
-            args.time
-        ));
-    }
+    let run_time = Duration::try_from_secs_f64(args.time)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(365 * 86400))
+        .ok_or_else(|| {
+            format!(
+                "-t {} must be a positive number of seconds (at most a year)",
+                args.time
+            )
+        })?;
+    let interval = if args.stats_interval == 0.0 {
+        None
+    } else {
+        Some(
+            Duration::try_from_secs_f64(args.stats_interval)
+                .ok()
+                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(365 * 86400))
+                .ok_or_else(|| {
+                    format!(
+                        "-S {} must be 0 (no progress) or a positive number of seconds",
+                        args.stats_interval
+                    )
+                })?,
+        )
+    };
+    let seed = args.seed.unwrap_or_else(random_seed);
     let cores = match &args.cores {
         Some(c) => CpuSet::parse(c)?,
         None => CpuSet::allowed(),
@@ -190,6 +210,26 @@ fn run(args: Args) -> Result<ExitCode, String> {
             args.io_size
         ));
     }
+    // Every worker holds its buffers for the whole run: refuse what the machine cannot hold.
+    let buffers_per_worker = match args.workload {
+        Workload::Verify | Workload::Rw | Workload::RandRw => 2,
+        _ => 1,
+    };
+    let buffer_bytes = (args.queue_depth as u128)
+        * u128::from(args.io_size)
+        * buffers_per_worker
+        * cores.len() as u128;
+    let limit = physical_memory() / 2;
+    if buffer_bytes > u128::from(limit) {
+        return Err(format!(
+            "-q {} x -o {} on {} reactor(s) needs {} MiB of buffers, more than half of this machine's memory ({} MiB)",
+            args.queue_depth,
+            args.io_size,
+            cores.len(),
+            buffer_bytes >> 20,
+            limit >> 20
+        ));
+    }
 
     let engine = Engine::start(EngineConfig {
         cores: cores.clone(),
@@ -217,7 +257,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             base: args.offset,
             blocks,
             start_block: blocks * n as u64 / reactors as u64,
-            seed: args.seed.wrapping_add(7919 * n as u64),
+            seed: seed.wrapping_add(7919 * n as u64),
             first_worker: (n * args.queue_depth) as u64,
             total_workers: (reactors * args.queue_depth) as u64,
         };
@@ -235,13 +275,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
         }
     };
     say(format!(
-        "Running {} I/O of {} bytes at queue depth {} for {} s on {} reactor(s) (cores {}, {} polling)",
+        "Running {} I/O of {} bytes at queue depth {} for {} s on {} reactor(s) (cores {}, {} polling, seed {seed})",
         args.workload, args.io_size, args.queue_depth, args.time, reactors, cores, args.poll_mode
     ));
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(args.time);
-    let interval =
-        (args.stats_interval > 0.0).then(|| Duration::from_secs_f64(args.stats_interval));
+    let deadline = start + run_time;
     let mut next_tick = interval.map(|i| start + i);
     let mut last = (start, 0u64, 0u64);
     while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
@@ -273,22 +311,35 @@ fn run(args: Args) -> Result<ExitCode, String> {
     let interrupted = INTERRUPTED.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
 
+    // One deadline for all jobs: a job still running 30 s after the stop has a request
+    // that never completes. It is reported from its progress counters; the others keep
+    // their full results.
+    let grace = Instant::now() + Duration::from_secs(30);
     let mut results: Vec<(String, usize, JobResult)> = Vec::new();
     let mut hung = Vec::new();
-    for (n, _, reply) in jobs {
-        match reply.wait_timeout(Duration::from_secs(30)) {
-            Ok(r) => results.push((format!("{node_name}:{n}"), cores.cpus()[n], r)),
-            Err(_) => hung.push(n),
+    for (n, progress, reply) in jobs {
+        let name = format!("{node_name}:{n}");
+        match reply.wait_timeout(grace.saturating_duration_since(Instant::now())) {
+            Ok(r) => results.push((name, cores.cpus()[n], r)),
+            Err(_) => {
+                hung.push(n);
+                let mut r = job::JobResult::empty(format!(
+                    "hung: a request did not complete within 30 s of the stop on reactor {n}"
+                ));
+                r.ios = progress.ios.load(Ordering::Relaxed);
+                r.failed = progress.failed.load(Ordering::Relaxed);
+                r.elapsed = start.elapsed();
+                results.push((name, cores.cpus()[n], r));
+            }
         }
     }
     let usage1 = process_cpu();
-    if !hung.is_empty() {
-        eprintln!(
-            "strata-perf: jobs on reactors {hung:?} did not finish within 30 s of the stop; their I/O is stuck"
-        );
-        std::process::exit(1);
+    if hung.is_empty() {
+        drop(engine);
+    } else {
+        // Stopping a reactor waits for its in-flight requests, which may never end.
+        std::mem::forget(engine);
     }
-    drop(engine);
 
     let info_row = RowInfo {
         workload: args.workload.to_string(),
@@ -307,6 +358,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 "io_size": args.io_size,
                 "time_in_sec": args.time,
                 "rw_percentage": info_row.percentage,
+                "seed": seed,
                 "cores": cores.cpus(),
                 "core_mask": cores.mask(),
                 "poll_mode": args.poll_mode.to_string(),
@@ -341,6 +393,32 @@ fn run(args: Args) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A seed that differs from run to run.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Physical memory in bytes.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
 /// (user, system) CPU seconds of the whole process.

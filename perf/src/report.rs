@@ -90,7 +90,8 @@ pub fn row(
         percentage: info.percentage,
         queue_depth: info.queue_depth,
         io_size: info.io_size,
-        status: if failed > 0 || verify_errors > 0 {
+        // A run that completed nothing (and was not cut short) did not measure anything.
+        status: if failed > 0 || verify_errors > 0 || (ios == 0 && !info.interrupted) {
             "failed"
         } else if info.interrupted {
             "terminated"

@@ -115,6 +115,78 @@ fn verify_on_a_node_that_stores_nothing_fails_with_the_offset() {
 }
 
 #[test]
+fn verify_on_a_node_that_stores_data_passes_and_names_its_seed() {
+    let (doc, out) = json_run(&[
+        "-w",
+        "verify",
+        "-q",
+        "4",
+        "-t",
+        "0.5",
+        "-m",
+        "0x1",
+        "--node",
+        "driver=memory,size=4M",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(doc["total"]["verify_errors"], 0);
+    assert!(
+        doc["total"]["ios"].as_u64().unwrap() > 1000,
+        "verify did I/O: {}",
+        doc["total"]
+    );
+    assert!(doc["config"]["seed"].as_u64().is_some());
+    // Runs differ by seed unless one is given.
+    let (again, _) = json_run(&[
+        "-w",
+        "verify",
+        "-q",
+        "1",
+        "-t",
+        "0.1",
+        "-m",
+        "0x1",
+        "--node",
+        "driver=memory,size=4M",
+    ]);
+    assert_ne!(doc["config"]["seed"], again["config"]["seed"]);
+}
+
+#[test]
+fn failed_requests_count_as_failures_not_as_iops() {
+    // Writes past the process's file size limit fail with EFBIG (SIGXFSZ ignored).
+    let dir = std::env::temp_dir().join(format!("strata-perf-efbig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("img");
+    std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+    let cmd = format!(
+        "trap '' XFSZ; ulimit -f 1; exec '{}' --json -S 0 --no-pin -w randwrite -q 4 -t 0.3 -m 0x1 --node driver=file,filename={}",
+        env!("CARGO_BIN_EXE_strata-perf"),
+        f.display()
+    );
+    let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON result");
+    let total = &doc["total"];
+    assert_eq!(out.status.code(), Some(1), "failures fail the run");
+    assert_eq!(total["status"], "failed");
+    assert!(total["io_failed"].as_u64().unwrap() > 100, "{total}");
+    assert_eq!(
+        total["ios"], 0,
+        "no write succeeded, so none counts: {total}"
+    );
+    assert_eq!(total["iops"].as_f64(), Some(0.0), "{total}");
+    assert!(
+        total["first_error"].as_str().unwrap().contains("EFBIG"),
+        "{total}"
+    );
+}
+
+#[test]
 fn mixed_workload_reports_its_read_percentage() {
     let (doc, out) = json_run(&["-w", "randrw", "-M", "70", "-t", "0.2", "-m", "0x1"]);
     assert!(out.status.success());
@@ -173,7 +245,11 @@ fn bad_flags_fail_with_a_message_and_no_run() {
         (&["-o", "0"], "I/O size"),
         (&["-o", "12q"], "invalid size"),
         (&["-M", "101"], "percentage"),
-        (&["-t", "-1"], ""),
+        (&["-t=-1"], "positive"),
+        (&["-t", "0"], "positive"),
+        (&["-t", "1e20"], "positive"),
+        (&["-S", "inf"], "-S"),
+        (&["-q", "65536", "-o", "1G"], "memory"),
         (&["-m", "0x0"], "no CPU"),
         (&["--cores", "999"], "not available"),
         (&["--node", "driver=nope"], "unknown driver"),
