@@ -129,29 +129,21 @@ fn run(args: Args) -> Result<ExitCode, String> {
     if args.rwmixread > 100 {
         return Err(format!("-M {} is not a percentage", args.rwmixread));
     }
-    let run_time = Duration::try_from_secs_f64(args.time)
-        .ok()
-        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(365 * 86400))
-        .ok_or_else(|| {
-            format!(
-                "-t {} must be a positive number of seconds (at most a year)",
-                args.time
-            )
-        })?;
+    let run_time = seconds(args.time).ok_or_else(|| {
+        format!(
+            "-t {} must be a positive number of seconds (at most a year)",
+            args.time
+        )
+    })?;
     let interval = if args.stats_interval == 0.0 {
         None
     } else {
-        Some(
-            Duration::try_from_secs_f64(args.stats_interval)
-                .ok()
-                .filter(|d| !d.is_zero() && *d <= Duration::from_secs(365 * 86400))
-                .ok_or_else(|| {
-                    format!(
-                        "-S {} must be 0 (no progress) or a positive number of seconds",
-                        args.stats_interval
-                    )
-                })?,
-        )
+        Some(seconds(args.stats_interval).ok_or_else(|| {
+            format!(
+                "-S {} must be 0 (no progress) or a positive number of seconds",
+                args.stats_interval
+            )
+        })?)
     };
     let seed = args.seed.unwrap_or_else(random_seed);
     let cores = match &args.cores {
@@ -393,6 +385,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A positive duration of at most a year from a number of seconds (None for 0, negative,
+/// NaN, infinite or absurd values).
+fn seconds(secs: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(365 * 86400))
 }
 
 /// A seed that differs from run to run.

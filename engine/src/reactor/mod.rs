@@ -28,7 +28,6 @@ mod timer;
 pub use blocking::blocking;
 pub use executor::{coop, yield_now};
 pub use inbox::{Canceled, Message, Replier, Reply, reply_pair};
-pub use ring::RingFlavor;
 pub use timer::Sleep;
 
 use crate::cpuset::CpuSet;
@@ -289,11 +288,6 @@ pub fn call<R: Send + 'static>(n: usize, f: impl FnOnce() -> R + Send + 'static)
     let (tx, rx) = reply_pair();
     send(n, Message::Run(Box::new(move || tx.send(f()))));
     rx
-}
-
-/// How the calling reactor's ring was set up.
-pub fn ring_flavor() -> RingFlavor {
-    with_ring(|r| r.flavor())
 }
 
 fn deliver_from_reactor(gid: u16, inbox: &Arc<Inbox>, msg: Message) {

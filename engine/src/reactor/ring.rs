@@ -70,20 +70,9 @@ enum Slot {
     Abandoned(#[allow(dead_code)] Box<dyn Any>),
 }
 
-/// How the ring was set up (the fastest set the kernel accepted).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RingFlavor {
-    /// `SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG`: completions are processed only when
-    /// the reactor enters the kernel, in batches, with no inter-processor interrupts.
-    DeferTaskrun,
-    /// Plain ring (older kernels).
-    Plain,
-}
-
 /// One reactor's io_uring plus its slot table.
 pub(crate) struct Ring {
     uring: IoUring,
-    flavor: RingFlavor,
     slots: Vec<Slot>,
     free: Vec<u32>,
     inflight: usize,
@@ -110,7 +99,10 @@ pub(crate) struct Ring {
 impl Ring {
     pub(crate) fn new(entries: u32, eventfd: RawFd) -> std::io::Result<Ring> {
         let cq = entries.saturating_mul(4);
-        let (uring, flavor) = match IoUring::builder()
+        // SINGLE_ISSUER | DEFER_TASKRUN: completions are processed only when the reactor
+        // enters the kernel, in batches, with no inter-processor interrupts. Older kernels
+        // get a plain ring.
+        let uring = match IoUring::builder()
             .setup_cqsize(cq)
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -118,14 +110,11 @@ impl Ring {
             .setup_clamp()
             .build(entries)
         {
-            Ok(u) => (u, RingFlavor::DeferTaskrun),
-            Err(_) => (
-                IoUring::builder()
-                    .setup_cqsize(cq)
-                    .setup_clamp()
-                    .build(entries)?,
-                RingFlavor::Plain,
-            ),
+            Ok(u) => u,
+            Err(_) => IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_clamp()
+                .build(entries)?,
         };
         let fixed_ok = uring.submitter().register_files_sparse(FIXED_FILES).is_ok();
         let bufs_ok = uring
@@ -134,7 +123,6 @@ impl Ring {
             .is_ok();
         let mut ring = Ring {
             uring,
-            flavor,
             slots: Vec::new(),
             free: Vec::new(),
             inflight: 0,
@@ -159,10 +147,6 @@ impl Ring {
         };
         ring.arm_eventfd();
         Ok(ring)
-    }
-
-    pub(crate) fn flavor(&self) -> RingFlavor {
-        self.flavor
     }
 
     /// Ops in flight (not counting the reactor's own eventfd read).
