@@ -39,6 +39,7 @@ use serde::Deserialize;
 use std::alloc::{self, Layout};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use strata_engine::graph::Children;
 use strata_engine::{
     Driver, DriverInfo, Errno, Error, Extent, ExtentState, IoFuture, Op, OpSet, Queue, Request,
 };
@@ -98,7 +99,7 @@ impl Driver for Memory {
         }
     }
 
-    fn open_queue(&self) -> Result<Box<dyn Queue>, Errno> {
+    fn open_queue(&self, _children: &Children) -> Result<Box<dyn Queue>, Errno> {
         Ok(Box::new(MemoryQueue {
             store: self.store.clone(),
         }))

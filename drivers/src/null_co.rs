@@ -8,6 +8,7 @@
 use crate::options;
 use serde::Deserialize;
 use std::time::Duration;
+use strata_engine::graph::Children;
 use strata_engine::reactor;
 use strata_engine::{
     Completion, Driver, DriverInfo, Errno, Extent, ExtentState, IoFuture, Op, OpSet, Queue, Request,
@@ -56,7 +57,7 @@ impl Driver for NullCo {
         }
     }
 
-    fn open_queue(&self) -> Result<Box<dyn Queue>, Errno> {
+    fn open_queue(&self, _children: &Children) -> Result<Box<dyn Queue>, Errno> {
         Ok(Box::new(NullQueue {
             read_zeroes: self.opts.read_zeroes,
             latency: (self.opts.latency_ns > 0).then(|| Duration::from_nanos(self.opts.latency_ns)),

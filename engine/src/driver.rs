@@ -21,11 +21,14 @@
 //! null-co) or with a boxed future ([`IoFuture::pending`]: ring I/O, timers).
 
 use crate::errno::Errno;
+use crate::error::Error;
+use crate::graph::{ChildRole, Children, Perm, default_child_perm};
 use crate::reactor::coop;
 use crate::request::{Completion, Op, OpSet, ReqFlags, Request};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// What a driver reports about itself. Lengths in bytes.
@@ -51,8 +54,55 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// Current size, alignment, limits and supported ops.
     fn info(&self) -> DriverInfo;
 
-    /// Opens this reactor's queue. Called on the reactor thread that will use it.
-    fn open_queue(&self) -> Result<Box<dyn Queue>, Errno>;
+    /// Opens this reactor's queue. Called on the reactor thread that will use it, with
+    /// the node's children on that reactor (empty outside a graph: see
+    /// [`Children::get_or_open`]).
+    fn open_queue(&self, children: &Children) -> Result<Box<dyn Queue>, Errno>;
+
+    /// A filter passes requests to one FILTERED|PRIMARY child unchanged (QEMU's
+    /// `is_filter`). The graph's filter helpers skip such nodes.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// What this node needs from child `name` (in `role`) and what it lets others do
+    /// with it, given the node's own cumulative parent permissions. QEMU's default
+    /// rules unless a driver knows better.
+    fn child_perm(&self, name: &str, role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        let _ = name;
+        default_child_perm(role, !self.info().read_only, perm, shared)
+    }
+
+    /// Prepares to hold `perm` while sharing only `shared` (the union and intersection
+    /// over the node's parents). File nodes take their image locks here. Either
+    /// [`Driver::set_perm`] or [`Driver::abort_perm`] follows. Admin thread.
+    fn check_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+        let _ = (perm, shared);
+        Ok(())
+    }
+
+    /// Commits the permissions of the last [`Driver::check_perm`].
+    fn set_perm(&self, perm: Perm, shared: Perm) {
+        let _ = (perm, shared);
+    }
+
+    /// Rolls back the last [`Driver::check_perm`].
+    fn abort_perm(&self) {}
+
+    /// Points child `name` at another node (re-parenting). The graph calls this on the
+    /// admin thread while preparing the change, and again with the old child if the
+    /// change is rolled back; queues are reopened afterwards. Drivers without children
+    /// refuse.
+    fn replace_child(&self, name: &str, child: &Arc<dyn Driver>) -> Result<(), Error> {
+        let _ = child;
+        Err(Error::new(
+            crate::ErrorKind::Unsupported,
+            format!(
+                "driver '{}' has no child '{name}' that can be replaced",
+                self.driver_name()
+            ),
+        ))
+    }
 }
 
 /// A driver's per-reactor queue: all the data path touches.
@@ -149,11 +199,16 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Opens `driver`'s queue on the current reactor.
+    /// Opens `driver`'s queue on the current reactor, outside any graph.
     pub fn open(driver: &dyn Driver) -> Result<Handle, Errno> {
+        Handle::open_with(driver, &Children::none())
+    }
+
+    /// Opens `driver`'s queue on the current reactor with its children.
+    pub fn open_with(driver: &dyn Driver, children: &Children) -> Result<Handle, Errno> {
         Ok(Handle {
             info: driver.info(),
-            queue: driver.open_queue()?,
+            queue: driver.open_queue(children)?,
         })
     }
 

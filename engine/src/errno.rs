@@ -14,6 +14,7 @@ impl Errno {
     pub const EAGAIN: Errno = Errno(libc::EAGAIN);
     pub const ENOMEM: Errno = Errno(libc::ENOMEM);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
     pub const EROFS: Errno = Errno(libc::EROFS);
@@ -40,6 +41,7 @@ impl Errno {
     pub fn name(self) -> &'static str {
         match self.0 {
             libc::EPERM => "EPERM",
+            libc::ENODEV => "ENODEV",
             libc::ENOENT => "ENOENT",
             libc::EINTR => "EINTR",
             libc::EIO => "EIO",

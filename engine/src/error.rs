@@ -13,6 +13,8 @@ pub enum ErrorKind {
     NotFound,
     /// In use or locked by someone else.
     Busy,
+    /// A graph change would give a node users whose permissions conflict.
+    PermissionConflict,
     /// Not supported by this driver/kernel/build.
     Unsupported,
     /// An I/O or system error.

@@ -24,6 +24,7 @@ pub mod cpuset;
 pub mod driver;
 pub mod errno;
 pub mod error;
+pub mod graph;
 pub mod reactor;
 pub mod request;
 
@@ -32,5 +33,6 @@ pub use cpuset::CpuSet;
 pub use driver::{Driver, DriverInfo, Handle, IoFuture, Queue};
 pub use errno::Errno;
 pub use error::{Error, ErrorKind};
+pub use graph::{ChildRole, Children, Graph, NodeId, Perm};
 pub use reactor::{Engine, EngineConfig, PollMode};
 pub use request::{Completion, Extent, ExtentState, Op, OpSet, ReqFlags, Request};

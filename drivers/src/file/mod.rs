@@ -80,6 +80,7 @@ pub use options::{Aio, CacheOptions, FileOptions, Locking};
 
 use open::Host;
 use std::sync::Arc;
+use strata_engine::graph::Children;
 use strata_engine::{Driver, DriverInfo, Errno, Error, OpSet, Queue};
 
 /// Largest request: what one `IORING_OP_READ`/`WRITE` moves comfortably (the kernel caps
@@ -124,7 +125,7 @@ impl Driver for FileDriver {
         }
     }
 
-    fn open_queue(&self) -> Result<Box<dyn Queue>, Errno> {
+    fn open_queue(&self, _children: &Children) -> Result<Box<dyn Queue>, Errno> {
         Ok(Box::new(queue::FileQueue::open(self.host.clone())))
     }
 }

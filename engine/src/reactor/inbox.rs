@@ -31,6 +31,8 @@ pub enum Message {
     Wake { index: u32, generation: u16 },
     /// Run a closure on the reactor (it may spawn tasks there).
     Run(Box<dyn FnOnce() + Send>),
+    /// Apply a step of a graph change (see `graph::drain`).
+    Graph(crate::graph::Update),
     /// Leave the loop: drop all tasks, wait for in-flight I/O, exit the thread.
     Stop,
 }
@@ -40,6 +42,7 @@ impl fmt::Debug for Message {
         match self {
             Message::Wake { index, generation } => write!(f, "Wake({index}#{generation})"),
             Message::Run(_) => f.write_str("Run(..)"),
+            Message::Graph(u) => write!(f, "Graph({u:?})"),
             Message::Stop => f.write_str("Stop"),
         }
     }

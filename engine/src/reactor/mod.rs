@@ -580,6 +580,7 @@ fn handle_inbox(core: &Core) -> usize {
                     );
                 }
             }
+            Message::Graph(update) => crate::graph::drain::handle(update),
             Message::Stop => core.stop.set(true),
         }
     }
