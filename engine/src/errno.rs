@@ -41,7 +41,6 @@ impl Errno {
     pub fn name(self) -> &'static str {
         match self.0 {
             libc::EPERM => "EPERM",
-            libc::ENODEV => "ENODEV",
             libc::ENOENT => "ENOENT",
             libc::EINTR => "EINTR",
             libc::EIO => "EIO",
