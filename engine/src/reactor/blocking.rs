@@ -74,6 +74,6 @@ mod tests {
         assert_ne!(here, there);
         let rs: Vec<_> = (0..20).map(|i| blocking(move || i * 2)).collect();
         let sum: i32 = rs.into_iter().map(|r| r.wait().unwrap()).sum();
-        assert_eq!(sum, (0..20).map(|i| i * 2).sum());
+        assert_eq!(sum, (0..20).map(|i| i * 2).sum::<i32>());
     }
 }
