@@ -18,7 +18,9 @@
 //! - [`state`]: the authoritative graph, the permission refresh, filter helpers.
 //! - [`local`]: a reactor's view of a node ([`LocalNode`]), [`Child`], [`Children`].
 //! - [`drain`]: the messages that publish a change to the reactors.
+//! - [`blk`]: a user's entry to its node on a reactor ([`Blk`]), with I/O error reports.
 
+pub mod blk;
 pub mod drain;
 pub mod local;
 pub mod perm;
@@ -27,6 +29,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+pub use blk::{Blk, IoErrorReport, take_io_errors};
 pub use drain::Update;
 pub use local::{Child, Children, LocalNode, NodeId};
 pub use perm::{ChildRole, Perm, default_child_perm};

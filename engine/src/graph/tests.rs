@@ -655,3 +655,40 @@ fn verify_load_survives_hundreds_of_graph_changes_without_errors() {
     assert_eq!(g.state().nodes.len(), 2);
     g.shutdown();
 }
+
+#[test]
+fn a_users_failed_requests_are_reported_for_block_io_error() {
+    let mut g = graph(1);
+    g.add(&json!({"driver": "tmem", "node-name": "m", "size": 4096}))
+        .unwrap();
+    let (user, node) = g
+        .attach_user("block device 'u'", "m", Perm::CONSISTENT_READ, Perm::ALL)
+        .unwrap();
+    take_io_errors();
+    let results = g
+        .engine()
+        .spawn(0, move || async move {
+            let blk = Blk::open(user, node).unwrap();
+            let ok = blk.io(Request::read(0, Buffer::new(512))).await.result;
+            let beyond = blk.io(Request::read(4096, Buffer::new(512))).await.result;
+            let unsupported = blk.io(Request::discard(0, 512)).await.result;
+            (ok, beyond, unsupported)
+        })
+        .wait()
+        .unwrap();
+    assert_eq!(results, (Ok(()), Err(Errno::EINVAL), Err(Errno::ENOTSUP)));
+    let (reports, dropped) = take_io_errors();
+    assert_eq!(dropped, 0);
+    let got: Vec<_> = reports
+        .iter()
+        .map(|r| (r.user, r.node, r.op, r.errno))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (user, node, Op::Read, Errno::EINVAL),
+            (user, node, Op::Discard, Errno::ENOTSUP)
+        ]
+    );
+    g.shutdown();
+}

@@ -1,0 +1,89 @@
+//! [`Blk`]: a user's entry to a node on one reactor (QEMU's BlockBackend on the data
+//! path). Exports and benchmark jobs submit through it; it reports failed requests so
+//! the control plane can emit `BLOCK_IO_ERROR`.
+//!
+//! Reports go into one bounded lock-free queue that the admin thread empties
+//! ([`take_io_errors`]). A reactor never waits on it: when it is full, reports are
+//! counted as dropped instead (an error storm must not slow the data path).
+
+use super::drain;
+use super::local::{LocalNode, NodeId};
+use super::state::UserId;
+use crate::driver::IoFuture;
+use crate::errno::Errno;
+use crate::request::{Completion, Op, Request};
+use crossbeam_queue::ArrayQueue;
+use std::rc::Rc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A failed user request, for `BLOCK_IO_ERROR`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoErrorReport {
+    pub user: UserId,
+    pub node: NodeId,
+    pub op: Op,
+    pub errno: Errno,
+}
+
+const REPORT_CAPACITY: usize = 1024;
+
+static REPORTS: OnceLock<ArrayQueue<IoErrorReport>> = OnceLock::new();
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+fn reports() -> &'static ArrayQueue<IoErrorReport> {
+    REPORTS.get_or_init(|| ArrayQueue::new(REPORT_CAPACITY))
+}
+
+/// Takes the queued I/O error reports and the number dropped since the last call.
+pub fn take_io_errors() -> (Vec<IoErrorReport>, u64) {
+    let q = reports();
+    let mut out = Vec::with_capacity(q.len());
+    while let Some(r) = q.pop() {
+        out.push(r);
+    }
+    (out, DROPPED.swap(0, Ordering::Relaxed))
+}
+
+/// A user's handle to its node on the current reactor.
+#[derive(Debug)]
+pub struct Blk {
+    node: Rc<LocalNode>,
+    user: UserId,
+}
+
+impl Blk {
+    /// The handle of user `user` (attached with `Graph::attach_user`) to node `node`, on
+    /// this reactor; `None` if the node is not in the graph.
+    pub fn open(user: UserId, node: NodeId) -> Option<Blk> {
+        Some(Blk {
+            node: drain::node(node)?,
+            user,
+        })
+    }
+
+    pub fn node(&self) -> &Rc<LocalNode> {
+        &self.node
+    }
+
+    /// Runs `req`; a failure is also reported for `BLOCK_IO_ERROR`.
+    pub async fn io(&self, req: Request) -> Completion {
+        let op = req.op;
+        let c = match self.node.submit(req) {
+            IoFuture::Ready(Some(c)) => c,
+            fut => fut.await,
+        };
+        if let Err(errno) = c.result {
+            let report = IoErrorReport {
+                user: self.user,
+                node: self.node.id(),
+                op,
+                errno,
+            };
+            if reports().push(report).is_err() {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        c
+    }
+}
