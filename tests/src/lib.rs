@@ -131,7 +131,10 @@ impl Daemon {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            assert!(Instant::now() < deadline, "stratad did not open its sockets in 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "stratad did not open its sockets in 20 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -38,25 +38,49 @@ fn malformed_json_rpc_messages_get_the_standard_codes() {
     let daemon = Daemon::start(&[]);
     let mut rpc = daemon.rpc();
     let cases: &[(&str, i64)] = &[
-        (r#"{"jsonrpc": "2.0", "method": "query-version", "id": 1,,}"#, PARSE),
+        (
+            r#"{"jsonrpc": "2.0", "method": "query-version", "id": 1,,}"#,
+            PARSE,
+        ),
         (r#"{"jsonrpc": "2.0" "method"}"#, PARSE),
         ("42", INVALID_REQUEST),
         (r#""query-version""#, INVALID_REQUEST),
         ("[]", INVALID_REQUEST),
-        (r#"{"jsonrpc": "1.0", "method": "query-version", "id": 1}"#, INVALID_REQUEST),
+        (
+            r#"{"jsonrpc": "1.0", "method": "query-version", "id": 1}"#,
+            INVALID_REQUEST,
+        ),
         (r#"{"method": "query-version", "id": 1}"#, INVALID_REQUEST),
         (r#"{"jsonrpc": "2.0", "id": 1}"#, INVALID_REQUEST),
-        (r#"{"jsonrpc": "2.0", "method": 7, "id": 1}"#, INVALID_REQUEST),
-        (r#"{"jsonrpc": "2.0", "method": "query-version", "id": {"a": 1}}"#, INVALID_REQUEST),
-        (r#"{"jsonrpc": "2.0", "method": "no-such-method", "id": 1}"#, NOT_FOUND_METHOD),
-        (r#"{"jsonrpc": "2.0", "method": "query-version", "params": "x", "id": 1}"#, INVALID_PARAMS),
-        (r#"{"jsonrpc": "2.0", "method": "blockdev-del", "params": [1, 2], "id": 1}"#, INVALID_PARAMS),
+        (
+            r#"{"jsonrpc": "2.0", "method": 7, "id": 1}"#,
+            INVALID_REQUEST,
+        ),
+        (
+            r#"{"jsonrpc": "2.0", "method": "query-version", "id": {"a": 1}}"#,
+            INVALID_REQUEST,
+        ),
+        (
+            r#"{"jsonrpc": "2.0", "method": "no-such-method", "id": 1}"#,
+            NOT_FOUND_METHOD,
+        ),
+        (
+            r#"{"jsonrpc": "2.0", "method": "query-version", "params": "x", "id": 1}"#,
+            INVALID_PARAMS,
+        ),
+        (
+            r#"{"jsonrpc": "2.0", "method": "blockdev-del", "params": [1, 2], "id": 1}"#,
+            INVALID_PARAMS,
+        ),
     ];
     for (raw, code) in cases {
         let (got, v) = raw_error(&mut rpc, raw);
         assert_eq!(got, *code, "{raw}: {v}");
         if *code == PARSE || *code == INVALID_REQUEST {
-            assert!(v.get("id").is_some(), "{raw}: error replies carry an id: {v}");
+            assert!(
+                v.get("id").is_some(),
+                "{raw}: error replies carry an id: {v}"
+            );
         }
         still_serving(&mut rpc);
     }
@@ -73,48 +97,151 @@ fn wrong_arguments_get_invalid_params_and_state_errors_their_own_codes() {
     let daemon = Daemon::start(&[]);
     let dir = TempDir::new("bad-args");
     let image = dir.path("img");
-    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let mut rpc = daemon.rpc();
-    rpc.ok("blockdev-add", json!({"driver": "memory", "node-name": "m", "size": 65536}));
-    rpc.ok("blockdev-add", json!({"driver": "raw", "node-name": "r", "file": "m"}));
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "memory", "node-name": "m", "size": 65536}),
+    );
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r", "file": "m"}),
+    );
     let cases: Vec<(&str, Value, i64, &str)> = vec![
         ("blockdev-del", json!({}), INVALID_PARAMS, "node-name"),
         ("blockdev-del", json!({"node-name": 5}), INVALID_PARAMS, ""),
-        ("blockdev-del", json!({"node-name": "r", "force": true}), INVALID_PARAMS, "force"),
-        ("blockdev-add", json!({"driver": "nonesuch", "node-name": "x"}), INVALID_PARAMS, "nonesuch"),
-        ("blockdev-add", json!({"node-name": "x"}), INVALID_PARAMS, "driver"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "x", "bogus": 1}), INVALID_PARAMS, "bogus"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "x", "size": true}), INVALID_PARAMS, "size"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "#x"}), INVALID_PARAMS, "node-name"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "m"}), INVALID_PARAMS, "Duplicate"),
-        ("blockdev-add", json!({"driver": "file", "node-name": "x"}), INVALID_PARAMS, "filename"),
-        ("blockdev-add", json!({"driver": "raw", "node-name": "x", "file": "m", "offset": 1 << 20}), INVALID_PARAMS, ""),
-        ("blockdev-add", json!({"driver": "raw", "node-name": "x", "file": 3}), INVALID_PARAMS, "file"),
-        ("blockdev-add", json!({"driver": "raw", "node-name": "x", "file": "nope"}), NO_NODE, "nope"),
-        ("blockdev-add", json!({"driver": "file", "node-name": "x", "filename": dir.path("missing").to_str().unwrap()}), NO_NODE, "missing"),
+        (
+            "blockdev-del",
+            json!({"node-name": "r", "force": true}),
+            INVALID_PARAMS,
+            "force",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "nonesuch", "node-name": "x"}),
+            INVALID_PARAMS,
+            "nonesuch",
+        ),
+        (
+            "blockdev-add",
+            json!({"node-name": "x"}),
+            INVALID_PARAMS,
+            "driver",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "x", "bogus": 1}),
+            INVALID_PARAMS,
+            "bogus",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "x", "size": true}),
+            INVALID_PARAMS,
+            "size",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "#x"}),
+            INVALID_PARAMS,
+            "node-name",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "m"}),
+            INVALID_PARAMS,
+            "Duplicate",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "x"}),
+            INVALID_PARAMS,
+            "filename",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "x", "file": "m", "offset": 1 << 20}),
+            INVALID_PARAMS,
+            "",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "x", "file": 3}),
+            INVALID_PARAMS,
+            "file",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "x", "file": "nope"}),
+            NO_NODE,
+            "nope",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "x", "filename": dir.path("missing").to_str().unwrap()}),
+            NO_NODE,
+            "missing",
+        ),
         ("blockdev-add", Value::Null, INVALID_PARAMS, ""),
-        ("blockdev-del", json!({"node-name": "nope"}), NO_NODE, "nope"),
+        (
+            "blockdev-del",
+            json!({"node-name": "nope"}),
+            NO_NODE,
+            "nope",
+        ),
         ("blockdev-del", json!({"node-name": "m"}), BUSY, "in use"),
-        ("query-named-block-nodes", json!({"flat": "yes"}), INVALID_PARAMS, "flat"),
-        ("x-debug-block-user-add", json!({"id": "u", "node-name": "r", "perm": ["fly"], "shared-perm": []}), INVALID_PARAMS, "fly"),
+        (
+            "query-named-block-nodes",
+            json!({"flat": "yes"}),
+            INVALID_PARAMS,
+            "flat",
+        ),
+        (
+            "x-debug-block-user-add",
+            json!({"id": "u", "node-name": "r", "perm": ["fly"], "shared-perm": []}),
+            INVALID_PARAMS,
+            "fly",
+        ),
     ];
     for (method, params, code, part) in &cases {
-        let err = rpc.call(method, params.clone()).expect_err(&format!("{method} {params}"));
+        let err = rpc
+            .call(method, params.clone())
+            .expect_err(&format!("{method} {params}"));
         assert_eq!(err.0, *code, "{method} {params}: {err:?}");
-        assert!(err.1.contains(part), "{method} {params}: {err:?} lacks {part:?}");
+        assert!(
+            err.1.contains(part),
+            "{method} {params}: {err:?} lacks {part:?}"
+        );
         still_serving(&mut rpc);
     }
     // A permission conflict between two users of the raw node.
     let rw = json!(["consistent-read", "write"]);
-    rpc.ok("x-debug-block-user-add", json!({"id": "u1", "node-name": "r", "perm": rw, "shared-perm": ["consistent-read"]}));
+    rpc.ok(
+        "x-debug-block-user-add",
+        json!({"id": "u1", "node-name": "r", "perm": rw, "shared-perm": ["consistent-read"]}),
+    );
     let err = rpc
-        .call("x-debug-block-user-add", json!({"id": "u2", "node-name": "r", "perm": ["write"], "shared-perm": []}))
+        .call(
+            "x-debug-block-user-add",
+            json!({"id": "u2", "node-name": "r", "perm": ["write"], "shared-perm": []}),
+        )
         .unwrap_err();
     assert_eq!(err.0, CONFLICT, "{err:?}");
-    assert!(err.1.starts_with("Permission conflict on node 'r'"), "{err:?}");
+    assert!(
+        err.1.starts_with("Permission conflict on node 'r'"),
+        "{err:?}"
+    );
     // Nothing the bad requests did changed the graph.
     let nodes = rpc.ok("query-named-block-nodes", json!({"flat": true}));
-    let names: Vec<_> = nodes.as_array().unwrap().iter().map(|n| n["node-name"].clone()).collect();
+    let names: Vec<_> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].clone())
+        .collect();
     assert_eq!(names.len(), 2, "{nodes}");
 }
 
@@ -127,7 +254,9 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
         br#"[{"jsonrpc":"2.0","method":"query-version","id":"a"},{"jsonrpc":"2.0","method":"nope","id":"b"},{"jsonrpc":"2.0","method":"query-version"}]"#,
     );
     let v = rpc.recv();
-    let replies = v.as_array().unwrap_or_else(|| panic!("batch reply is an array: {v}"));
+    let replies = v
+        .as_array()
+        .unwrap_or_else(|| panic!("batch reply is an array: {v}"));
     assert_eq!(replies.len(), 2, "the notification gets no reply: {v}");
     let b = replies.iter().find(|r| r["id"] == "b").unwrap();
     assert_eq!(b["error"]["code"], NOT_FOUND_METHOD);
@@ -139,7 +268,8 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
     // daemon serves others.
     let mut big = UnixStream::connect(&daemon.rpc).unwrap();
     let filler = "x".repeat(1 << 20);
-    let mut msg = String::from(r#"{"jsonrpc":"2.0","method":"query-version","id":1,"params":{"pad":""#);
+    let mut msg =
+        String::from(r#"{"jsonrpc":"2.0","method":"query-version","id":1,"params":{"pad":""#);
     for _ in 0..20 {
         msg.push_str(&filler);
     }
@@ -149,7 +279,8 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
 
     // Half a request, then the client goes away.
     let mut half = UnixStream::connect(&daemon.rpc).unwrap();
-    half.write_all(br#"{"jsonrpc":"2.0","method":"blockdev-add","par"#).unwrap();
+    half.write_all(br#"{"jsonrpc":"2.0","method":"blockdev-add","par"#)
+        .unwrap();
     drop(half);
     // A complete command whose client disconnects before the reply still runs.
     let mut gone = UnixStream::connect(&daemon.rpc).unwrap();
@@ -162,7 +293,12 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
     let mut found = false;
     for _ in 0..100 {
         let nodes = rpc.ok("query-named-block-nodes", Value::Null);
-        if nodes.as_array().unwrap().iter().any(|n| n["node-name"] == "late") {
+        if nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node-name"] == "late")
+        {
             found = true;
             break;
         }
@@ -193,23 +329,61 @@ fn qmp_serving(q: &mut Qmp) {
 fn malformed_qmp_input_gets_qemus_error_classes() {
     let daemon = Daemon::start(&[]);
     let mut q = daemon.qmp();
-    assert!(q.greeting["QMP"]["version"]["qemu"]["major"].is_number(), "{}", q.greeting);
+    assert!(
+        q.greeting["QMP"]["version"]["qemu"]["major"].is_number(),
+        "{}",
+        q.greeting
+    );
     let (class, desc, _) = qmp_error(&mut q, r#"{"execute": "query-version"}"#);
     assert_eq!(class, "CommandNotFound");
-    assert!(desc.contains("Expecting capabilities negotiation"), "{desc}");
-    assert_eq!(q.execute("qmp_capabilities", Value::Null), json!({"return": {}}));
+    assert!(
+        desc.contains("Expecting capabilities negotiation"),
+        "{desc}"
+    );
+    assert_eq!(
+        q.execute("qmp_capabilities", Value::Null),
+        json!({"return": {}})
+    );
     let cases: &[(&str, &str, &str)] = &[
         (r#"{"execute": "query-version",}"#, "GenericError", ""),
         ("[1, 2]", "GenericError", "JSON object"),
         (r#"{"arguments": {}}"#, "GenericError", "execute"),
-        (r#"{"execute": "query-version", "bogus": 1}"#, "GenericError", "bogus"),
+        (
+            r#"{"execute": "query-version", "bogus": 1}"#,
+            "GenericError",
+            "bogus",
+        ),
         (r#"{"execute": 42}"#, "GenericError", "execute"),
-        (r#"{"execute": "blockdev-del", "arguments": [1]}"#, "GenericError", "arguments"),
-        (r#"{"execute": "no-such-command"}"#, "CommandNotFound", "no-such-command"),
-        (r#"{"execute": "blockdev-del", "arguments": {"node-name": 1}}"#, "GenericError", ""),
-        (r#"{"execute": "blockdev-del", "arguments": {"node": "x"}}"#, "GenericError", ""),
-        (r#"{"execute": "blockdev-del", "arguments": {}}"#, "GenericError", "node-name"),
-        (r#"{"execute": "blockdev-add", "arguments": {"driver": "memory", "node-name": "m"}}"#, "GenericError", "size"),
+        (
+            r#"{"execute": "blockdev-del", "arguments": [1]}"#,
+            "GenericError",
+            "arguments",
+        ),
+        (
+            r#"{"execute": "no-such-command"}"#,
+            "CommandNotFound",
+            "no-such-command",
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": 1}}"#,
+            "GenericError",
+            "",
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {"node": "x"}}"#,
+            "GenericError",
+            "",
+        ),
+        (
+            r#"{"execute": "blockdev-del", "arguments": {}}"#,
+            "GenericError",
+            "node-name",
+        ),
+        (
+            r#"{"execute": "blockdev-add", "arguments": {"driver": "memory", "node-name": "m"}}"#,
+            "GenericError",
+            "size",
+        ),
         (r#"{"execute": "qmp_capabilities"}"#, "CommandNotFound", ""),
     ];
     for (raw, class, part) in cases {

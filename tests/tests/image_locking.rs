@@ -10,13 +10,19 @@ use strata_tests::{Daemon, TempDir, require_tool, run};
 
 fn image(dir: &TempDir) -> std::path::PathBuf {
     let path = dir.path("disk.raw");
-    std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
     path
 }
 
 fn qemu_img_info(path: &Path) -> (bool, String) {
     let out = run(Command::new("qemu-img").arg("info").arg(path));
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// OFD lock lines in /proc/locks on `path`'s inode.
@@ -37,8 +43,14 @@ fn qemu_img_cannot_open_an_image_stratad_writes() {
     let img = image(&dir);
     let daemon = Daemon::start(&[]);
     let mut rpc = daemon.rpc();
-    rpc.ok("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": img}));
-    rpc.ok("blockdev-add", json!({"driver": "raw", "node-name": "disk", "file": "f"}));
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": img}),
+    );
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk", "file": "f"}),
+    );
     // As in QEMU, nodes without users take no permissions, so no locks yet.
     assert_eq!(qemu_img_info(&img), (true, String::new()));
     assert!(locks_on(&img).is_empty(), "{:?}", locks_on(&img));
@@ -50,7 +62,10 @@ fn qemu_img_cannot_open_an_image_stratad_writes() {
                "shared-perm": ["consistent-read", "write-unchanged"]}),
     );
     let (ok, err) = qemu_img_info(&img);
-    assert!(!ok, "qemu-img info must fail while stratad writes the image");
+    assert!(
+        !ok,
+        "qemu-img info must fail while stratad writes the image"
+    );
     assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
     assert!(err.contains("Is another process using the image"), "{err}");
     // Lock bytes exactly as QEMU takes them: 100 (consistent read) and 101 (write) held;
@@ -59,12 +74,18 @@ fn qemu_img_cannot_open_an_image_stratad_writes() {
     let locks = locks_on(&img);
     for byte in [100, 101, 201, 203] {
         assert!(
-            locks.iter().any(|l| l.ends_with(&format!(" {byte} {byte}"))),
+            locks
+                .iter()
+                .any(|l| l.ends_with(&format!(" {byte} {byte}"))),
             "byte {byte} locked: {locks:?}"
         );
     }
     rpc.ok("x-debug-block-user-del", json!({"id": "w"}));
-    assert_eq!(qemu_img_info(&img).0, true, "locks are released with the user");
+    assert_eq!(
+        qemu_img_info(&img).0,
+        true,
+        "locks are released with the user"
+    );
     drop(daemon);
 }
 
@@ -100,8 +121,14 @@ fn stratad_cannot_write_an_image_qemu_io_holds() {
     }
     let daemon = Daemon::start(&[]);
     let mut rpc = daemon.rpc();
-    rpc.ok("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": img}));
-    rpc.ok("blockdev-add", json!({"driver": "raw", "node-name": "disk", "file": "f"}));
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": img}),
+    );
+    rpc.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk", "file": "f"}),
+    );
     let err = rpc
         .call(
             "x-debug-block-user-add",
@@ -110,7 +137,10 @@ fn stratad_cannot_write_an_image_qemu_io_holds() {
         )
         .expect_err("writing an image qemu-io writes must be refused");
     assert!(err.1.contains("Failed to get \"write\" lock"), "{err:?}");
-    assert!(err.1.contains("Is another process using the image"), "{err:?}");
+    assert!(
+        err.1.contains("Is another process using the image"),
+        "{err:?}"
+    );
     // A reader that lets others write fits next to qemu-io's writer (qemu-io shares
     // consistent read).
     rpc.ok(
@@ -130,7 +160,10 @@ fn stratad_cannot_write_an_image_qemu_io_holds() {
         if r.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "the lock stayed after qemu-io exited: {r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the lock stayed after qemu-io exited: {r:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

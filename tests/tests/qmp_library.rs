@@ -45,10 +45,16 @@ fn the_qemu_qmp_library_adds_queries_conflicts_and_deletes_nodes() {
     // The session ended with `quit`: the daemon exits by itself, cleanly.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while daemon.alive() {
-        assert!(std::time::Instant::now() < deadline, "stratad did not exit after quit");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stratad did not exit after quit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = daemon.child.take().unwrap().wait().unwrap();
     assert!(status.success(), "stratad exit status after quit: {status}");
-    assert!(!daemon.qmp.exists(), "the QMP socket file is removed at exit");
+    assert!(
+        !daemon.qmp.exists(),
+        "the QMP socket file is removed at exit"
+    );
 }

@@ -11,7 +11,10 @@ fn snapshot(rpc: &mut JsonRpc) -> (BTreeMap<String, Value>, Vec<Value>) {
     let graph = rpc.ok("query-block-graph", Value::Null);
     let mut names: BTreeMap<u64, String> = BTreeMap::new();
     for n in graph["nodes"].as_array().unwrap() {
-        names.insert(n["id"].as_u64().unwrap(), n["name"].as_str().unwrap().to_string());
+        names.insert(
+            n["id"].as_u64().unwrap(),
+            n["name"].as_str().unwrap().to_string(),
+        );
     }
     // Give generated nodes a stable name: "<parent>.<edge>".
     let mut stable = names.clone();
@@ -27,15 +30,28 @@ fn snapshot(rpc: &mut JsonRpc) -> (BTreeMap<String, Value>, Vec<Value>) {
         .unwrap()
         .iter()
         .map(|e| {
-            json!([stable[&e["parent"].as_u64().unwrap()], stable[&e["child"].as_u64().unwrap()],
-                   e["name"], e["perm"], e["shared-perm"]])
+            json!([
+                stable[&e["parent"].as_u64().unwrap()],
+                stable[&e["child"].as_u64().unwrap()],
+                e["name"],
+                e["perm"],
+                e["shared-perm"]
+            ])
         })
         .collect();
     edges.sort_by_key(|e| e.to_string());
-    let rename: BTreeMap<String, String> =
-        names.values().cloned().zip(stable.values().cloned()).collect();
+    let rename: BTreeMap<String, String> = names
+        .values()
+        .cloned()
+        .zip(stable.values().cloned())
+        .collect();
     let mut nodes = BTreeMap::new();
-    for mut n in rpc.ok("query-named-block-nodes", json!({"flat": true})).as_array().unwrap().clone() {
+    for mut n in rpc
+        .ok("query-named-block-nodes", json!({"flat": true}))
+        .as_array()
+        .unwrap()
+        .clone()
+    {
         let name = rename[n["node-name"].as_str().unwrap()].clone();
         n["node-name"] = json!(name);
         // `file` may embed generated names of children in json:{...} strings.
@@ -56,7 +72,10 @@ fn snapshot(rpc: &mut JsonRpc) -> (BTreeMap<String, Value>, Vec<Value>) {
 fn a_daemon_restarted_from_save_config_has_the_same_graph() {
     let dir = TempDir::new("save-config");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let daemon = Daemon::start(&[]);
     let mut rpc = daemon.rpc();
     let adds = [
@@ -76,21 +95,35 @@ fn a_daemon_restarted_from_save_config_has_the_same_graph() {
     );
     let before = snapshot(&mut rpc);
     let config = rpc.ok("save-config", Value::Null);
-    let calls = config.as_array().expect("save-config returns a list of calls");
+    let calls = config
+        .as_array()
+        .expect("save-config returns a list of calls");
     assert!(
-        calls.iter().all(|c| c["method"].is_string() && c.get("params").is_some()),
+        calls
+            .iter()
+            .all(|c| c["method"].is_string() && c.get("params").is_some()),
         "{config}"
     );
     let path = dir.path("config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     let out = daemon.terminate();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let again = Daemon::start(&["--config", path.to_str().unwrap()]);
     let mut rpc = again.rpc();
     let after = snapshot(&mut rpc);
-    assert_eq!(before.0, after.0, "query-named-block-nodes differs after the restart");
+    assert_eq!(
+        before.0, after.0,
+        "query-named-block-nodes differs after the restart"
+    );
     assert_eq!(before.1, after.1, "the edges differ after the restart");
     // And the restored graph saves the same way.
-    assert_eq!(rpc.ok("save-config", Value::Null).as_array().unwrap().len(), calls.len());
+    assert_eq!(
+        rpc.ok("save-config", Value::Null).as_array().unwrap().len(),
+        calls.len()
+    );
 }
