@@ -1,6 +1,7 @@
 //! `memory`: a RAM disk (SPDK's malloc bdev), used by tests and benchmarks.
 //!
-//! Options: `size` (required, QEMU size syntax: `size=64M`).
+//! Options: `size` (required, QEMU size syntax: `size=64M`), `read-only` (default off: on
+//! makes the node refuse writes with `EPERM`).
 //!
 //! # Sharing without locks, soundly
 //!
@@ -35,6 +36,7 @@
 //! step, and nothing above needs it from a RAM disk.
 
 use crate::options;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::alloc::{self, Layout};
 use std::sync::Arc;
@@ -50,12 +52,17 @@ const MAX_TRANSFER: u64 = 1 << 30;
 const WORD: usize = 8;
 
 /// `memory` options.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MemoryOptions {
     /// Size of the disk in bytes.
     #[serde(deserialize_with = "options::size")]
+    #[schemars(schema_with = "options::size_schema")]
     pub size: u64,
+    /// The node refuses writes.
+    #[serde(default, deserialize_with = "options::read_only")]
+    #[schemars(schema_with = "options::boolean_schema")]
+    pub read_only: bool,
 }
 
 /// A `memory` node.
@@ -95,7 +102,7 @@ impl Driver for Memory {
             request_alignment: 1,
             max_transfer: MAX_TRANSFER,
             ops: OpSet::all(),
-            read_only: false,
+            read_only: self.opts.read_only,
         }
     }
 
@@ -288,16 +295,38 @@ mod tests {
     use crate::conformance::{self, Expect};
 
     fn memory(size: u64) -> Memory {
-        Memory::new(MemoryOptions { size }).expect("memory node")
+        Memory::new(MemoryOptions {
+            size,
+            read_only: false,
+        })
+        .expect("memory node")
     }
 
     #[test]
     fn memory_passes_the_conformance_suite() {
+        let read_only = || -> Arc<dyn Driver> {
+            Arc::new(
+                Memory::new(MemoryOptions {
+                    size: conformance::MIN_SIZE,
+                    read_only: true,
+                })
+                .expect("memory node"),
+            )
+        };
         conformance::run(
             "memory",
             &|| Arc::new(memory(conformance::MIN_SIZE)),
-            Expect::stores_data(),
+            Expect::stores_data().read_only(&read_only),
         );
+    }
+
+    #[test]
+    fn read_only_is_an_option_and_defaults_to_off() {
+        assert!(!memory(4096).info().read_only);
+        let node = crate::open_keyval("driver=memory,size=4k,read-only=on").expect("open");
+        assert!(node.info().read_only);
+        let e = crate::open_keyval("driver=memory,size=4k,read-only=2").unwrap_err();
+        assert!(e.message.contains("read-only"), "{e}");
     }
 
     #[test]
@@ -353,7 +382,11 @@ mod tests {
 
     #[test]
     fn a_size_the_machine_cannot_hold_is_an_error_not_an_abort() {
-        let err = Memory::new(MemoryOptions { size: 1 << 50 }).unwrap_err();
+        let err = Memory::new(MemoryOptions {
+            size: 1 << 50,
+            read_only: false,
+        })
+        .unwrap_err();
         assert_eq!(err.errno, Some(Errno::ENOMEM), "{err}");
         assert!(err.message.contains("memory node"), "{err}");
     }

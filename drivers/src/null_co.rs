@@ -2,10 +2,12 @@
 //!
 //! Options as QEMU: `size` (default 1 GiB), `read-zeroes` (default off: reads leave the
 //! buffer as it was, the cheapest possible read), `latency-ns` (delay every request by
-//! this long, on the reactor's timers). Every op succeeds; block-status reports the whole
-//! range as zero when `read-zeroes` is on, else as data.
+//! this long, on the reactor's timers), `read-only` (default off: on makes the node refuse
+//! writes with `EPERM`). Every op succeeds; block-status reports the whole range as zero
+//! when `read-zeroes` is on, else as data.
 
 use crate::options;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::time::Duration;
 use strata_engine::graph::Children;
@@ -15,15 +17,25 @@ use strata_engine::{
 };
 
 /// `null-co` options.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NullOptions {
+    /// Size of the node in bytes.
     #[serde(default = "default_size", deserialize_with = "options::size")]
+    #[schemars(schema_with = "options::size_schema")]
     pub size: u64,
+    /// Reads zero the buffer (else they leave it as it was).
     #[serde(default, deserialize_with = "options::boolean")]
+    #[schemars(schema_with = "options::boolean_schema")]
     pub read_zeroes: bool,
+    /// Delay of every request, in nanoseconds.
     #[serde(default, deserialize_with = "options::number")]
+    #[schemars(schema_with = "options::number_schema")]
     pub latency_ns: u64,
+    /// The node refuses writes.
+    #[serde(default, deserialize_with = "options::read_only")]
+    #[schemars(schema_with = "options::boolean_schema")]
+    pub read_only: bool,
 }
 
 fn default_size() -> u64 {
@@ -53,7 +65,7 @@ impl Driver for NullCo {
             request_alignment: 1,
             max_transfer: 1 << 30,
             ops: OpSet::all(),
-            read_only: false,
+            read_only: self.opts.read_only,
         }
     }
 
@@ -124,6 +136,26 @@ mod tests {
     #[test]
     fn null_co_passes_the_conformance_suite() {
         conformance::run("null-co", &|| null(""), Expect::stores_nothing());
+    }
+
+    #[test]
+    fn null_co_read_only_passes_the_conformance_suite() {
+        conformance::run(
+            "null-co (and read-only)",
+            &|| null(""),
+            Expect::stores_nothing().read_only(&|| null("read-only=on")),
+        );
+    }
+
+    #[test]
+    fn read_only_defaults_to_off_and_accepts_booleans() {
+        assert!(!null("").info().read_only);
+        assert!(null("read-only=on").info().read_only);
+        let node = crate::open(&serde_json::json!({"driver": "null-co", "read-only": true}))
+            .expect("open");
+        assert!(node.info().read_only);
+        let e = crate::open_keyval("driver=null-co,read-only=perhaps").unwrap_err();
+        assert!(e.message.contains("read-only"), "{e}");
     }
 
     #[test]

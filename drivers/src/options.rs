@@ -4,9 +4,16 @@
 //! (`size=1G,read-zeroes=on`). These serde helpers accept both: numbers as JSON numbers
 //! or strings with QEMU's size suffixes, booleans as JSON booleans or `on`/`off`/`true`/
 //! `false`.
+//!
+//! Each helper has a JSON Schema twin (`size_schema`, `boolean_schema`, ...) that the
+//! options structs name with `#[schemars(schema_with = ...)]`, so the schema the RPC layer
+//! publishes accepts exactly the value shapes serde accepts. Strings are only typed, not
+//! patterned: the driver checks their spelling and names the option in its error.
 
+use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
+use serde_json::Value;
 
 /// Parses a size with an optional binary suffix (`512`, `4k`, `1M`, `2G`, `1T`), as QEMU.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -81,6 +88,66 @@ pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
         BoolOrStr::Bool(b) => Ok(b),
         BoolOrStr::Str(s) => parse_bool(&s).map_err(de::Error::custom),
     }
+}
+
+/// `#[serde(deserialize_with = "options::read_only")]`: the `read-only` option every
+/// driver takes (QEMU's common `read-only`).
+pub fn read_only<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    named("read-only", d, boolean)
+}
+
+/// `#[serde(deserialize_with = "options::child")]` for a child given as a node name or
+/// as an options object (QEMU's `BlockdevRef`); the driver opens it through its
+/// `OpenContext`.
+pub fn child<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    match Value::deserialize(d)? {
+        v @ (Value::String(_) | Value::Object(_)) => Ok(v),
+        other => Err(de::Error::custom(format_args!(
+            "expected a node name or an options object, got {other}"
+        ))),
+    }
+}
+
+/// Schema of [`size`] and [`opt_size`]: a byte count or a string such as `4k` or `1G`.
+pub fn size_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "a size in bytes: a number, or a string with an optional suffix k, M, G or T (binary)",
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string"}
+        ]
+    })
+}
+
+/// Schema of [`number`]: a non-negative integer, as a number or a decimal string.
+pub fn number_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string"}
+        ]
+    })
+}
+
+/// Schema of [`boolean`]: a JSON boolean or one of QEMU's spellings.
+pub fn boolean_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "anyOf": [
+            {"type": "boolean"},
+            {"type": "string", "enum": ["on", "off", "true", "false", "yes", "no"]}
+        ]
+    })
+}
+
+/// Schema of [`child`]: a node name or an options object.
+pub fn child_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "the child node: the node-name of an existing node, or the options of a new one",
+        "anyOf": [
+            {"type": "string"},
+            {"type": "object"}
+        ]
+    })
 }
 
 /// Runs `parse` on an option's value and names the option in its error, so a person

@@ -5,8 +5,8 @@
 //!   FileDriver (node, admin thread)          FileQueue (one per reactor, on its thread)
 //!   open(2), fstat, statx/ioctl  ----Arc<Host>---->  FixedFile registered in that ring
 //!   options, size, alignment         (the fd)         read_at / write_at / fsync /
-//!                                                     fallocate on the ring;
-//!                                                     lseek on the blocking pool
+//!   ImageLock: OFD locks on the fd                    fallocate on the ring;
+//!     (check_perm / set_perm / abort_perm)            lseek on the blocking pool
 //! ```
 //!
 //! # Options
@@ -19,8 +19,9 @@
 //!   writes: nothing is ever made durable on purpose (QEMU's `cache=unsafe`).
 //! - `read-only` (default off): opens `O_RDONLY`; the node refuses writes with `EPERM`.
 //! - `aio` (default `io_uring`, the only value): QEMU's `threads`/`native` are refused.
-//! - `locking` (`auto`/`on`/`off`): accepted and stored; no lock is taken yet (a later
-//!   issue adds QEMU-compatible OFD locks together with permissions).
+//! - `locking` (`auto`/`on`/`off`, default `auto`): QEMU-compatible image locks, taken
+//!   as the graph gives the node permissions (`file/lock.rs` has the protocol; a node
+//!   opened outside a graph is never given permissions and so locks nothing).
 //!
 //! # Alignment and limits
 //!
@@ -66,6 +67,7 @@
 //! once, the same effect as fio's `iodepth_batch_submit` 1 vs 32, for one extra system
 //! call per request that the device's latency hides.
 
+mod lock;
 mod open;
 mod options;
 mod queue;
@@ -74,14 +76,18 @@ mod transfer;
 mod zeroes;
 
 #[cfg(test)]
+mod lock_tests;
+#[cfg(test)]
 mod tests;
 
 pub use options::{Aio, CacheOptions, FileOptions, Locking};
 
+use lock::ImageLock;
 use open::Host;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use strata_engine::graph::Children;
-use strata_engine::{Driver, DriverInfo, Errno, Error, OpSet, Queue};
+use strata_engine::{Driver, DriverInfo, Errno, Error, OpSet, Perm, Queue};
 
 /// Largest request: what one `IORING_OP_READ`/`WRITE` moves comfortably (the kernel caps
 /// one call at 2 GiB - 4 KiB) and as large as the biggest NBD request QEMU sends.
@@ -92,15 +98,19 @@ pub const MAX_TRANSFER: u64 = 32 << 20;
 pub struct FileDriver {
     opts: FileOptions,
     host: Arc<Host>,
+    lock: ImageLock,
 }
 
 impl FileDriver {
-    /// Opens the file (on the admin thread: blocking system calls are fine here).
+    /// Opens the file (on the admin thread: blocking system calls are fine here). No
+    /// image lock is taken until the node is given permissions.
     pub fn open(opts: FileOptions) -> Result<FileDriver, Error> {
+        let lock = ImageLock::new(&opts.filename, opts.locking)?;
         let host = Host::open(&opts)?;
         Ok(FileDriver {
             opts,
             host: Arc::new(host),
+            lock,
         })
     }
 
@@ -127,5 +137,24 @@ impl Driver for FileDriver {
 
     fn open_queue(&self, _children: &Children) -> Result<Box<dyn Queue>, Errno> {
         Ok(Box::new(queue::FileQueue::open(self.host.clone())))
+    }
+
+    fn check_perm(&self, perm: Perm, shared: Perm) -> Result<(), Error> {
+        self.lock.check(self.host.fd.as_fd(), perm, shared)
+    }
+
+    fn set_perm(&self, perm: Perm, shared: Perm) {
+        self.lock.commit(self.host.fd.as_fd(), perm, shared);
+    }
+
+    fn abort_perm(&self) {
+        self.lock.abort(self.host.fd.as_fd());
+    }
+}
+
+impl Drop for FileDriver {
+    fn drop(&mut self) {
+        // Queues may hold the descriptor a little longer; the image is free now.
+        self.lock.release(self.host.fd.as_fd());
     }
 }

@@ -1,41 +1,46 @@
 //! `file` options, with QEMU's names (`blockdev-add driver=file`).
 
 use crate::options;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
 /// `file` options.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileOptions {
     /// Path of the host file or block device.
     #[serde(deserialize_with = "filename")]
+    #[schemars(schema_with = "filename_schema")]
     pub filename: String,
     /// How the host page cache is used.
     #[serde(default)]
     pub cache: CacheOptions,
     /// Open the file read-only; the node refuses writes.
-    #[serde(default, deserialize_with = "read_only")]
+    #[serde(default, deserialize_with = "options::read_only")]
+    #[schemars(schema_with = "options::boolean_schema")]
     pub read_only: bool,
     /// The I/O backend: only `io_uring` (the default).
     #[serde(default, deserialize_with = "aio")]
+    #[schemars(schema_with = "aio_schema")]
     pub aio: Aio,
-    /// Whether to take QEMU-compatible OFD locks. Accepted and stored only: locking is
-    /// not implemented yet (it comes with permissions in a later issue), so no lock is
-    /// taken whatever the value.
+    /// Whether to take QEMU-compatible image locks (OFD locks on bytes 100-103 and
+    /// 200-203): `auto` (default) if the kernel has OFD locks, `on` always, `off` never.
     #[serde(default, deserialize_with = "locking")]
     pub locking: Locking,
 }
 
 /// `cache.*` options.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct CacheOptions {
     /// Bypass the host page cache (`O_DIRECT`); requests must then be aligned.
     #[serde(default, deserialize_with = "direct")]
+    #[schemars(schema_with = "options::boolean_schema")]
     pub direct: bool,
     /// Ignore flushes (and FUA): fast and unsafe, for scratch images.
     #[serde(default, deserialize_with = "no_flush")]
+    #[schemars(schema_with = "options::boolean_schema")]
     pub no_flush: bool,
 }
 
@@ -48,7 +53,7 @@ pub enum Aio {
 }
 
 /// `locking`: QEMU's `auto` / `on` / `off`.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Locking {
     #[default]
@@ -65,10 +70,6 @@ fn filename<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         }
         Ok(name)
     })
-}
-
-fn read_only<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    options::named("read-only", d, options::boolean)
 }
 
 fn direct<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -90,6 +91,14 @@ fn aio<'de, D: Deserializer<'de>>(d: D) -> Result<Aio, D::Error> {
 
 fn locking<'de, D: Deserializer<'de>>(d: D) -> Result<Locking, D::Error> {
     options::named("locking", d, Locking::deserialize)
+}
+
+fn filename_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "minLength": 1})
+}
+
+fn aio_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["io_uring"]})
 }
 
 #[cfg(test)]

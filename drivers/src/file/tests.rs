@@ -9,12 +9,12 @@ use strata_engine::{Buffer, Driver, ErrorKind, Extent, Handle, ReqFlags, Request
 
 /// A file for one test, in a directory next to the test binary (under `target/`, on the
 /// disk's file system: tmpfs may lack `O_DIRECT`), removed on drop.
-struct TestFile {
-    path: PathBuf,
+pub(super) struct TestFile {
+    pub path: PathBuf,
 }
 
 impl TestFile {
-    fn new(size: u64) -> TestFile {
+    pub fn new(size: u64) -> TestFile {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let exe = std::env::current_exe().expect("test binary path");
         let dir = exe
@@ -33,12 +33,12 @@ impl TestFile {
         TestFile { path }
     }
 
-    fn name(&self) -> &str {
+    pub fn name(&self) -> &str {
         self.path.to_str().expect("test paths are UTF-8")
     }
 
     /// Opens a node on this file with extra keyval options.
-    fn open(&self, opts: &str) -> Arc<dyn Driver> {
+    pub fn open(&self, opts: &str) -> Arc<dyn Driver> {
         let spec = format!(
             "driver=file,filename={}{}{opts}",
             self.name(),

@@ -1,0 +1,50 @@
+//! The events commands emit, with the schema of their data (listed by `query-schema`).
+//!
+//! `BLOCK_NODE_ADDED` and `BLOCK_NODE_REMOVED` are Strata's own: QEMU has no event for a
+//! node coming or going. They are emitted for every node, including inline children
+//! with generated names (`#block005`), so a client can keep a mirror of the node list
+//! without polling `query-named-block-nodes`.
+
+use super::command::result_schema;
+use schemars::{JsonSchema, Schema};
+use serde::Serialize;
+
+/// Data of `BLOCK_NODE_ADDED` and `BLOCK_NODE_REMOVED`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct NodeEvent {
+    /// The node's name (generated names included).
+    pub node_name: String,
+}
+
+impl NodeEvent {
+    pub const ADDED: &'static str = "BLOCK_NODE_ADDED";
+    pub const REMOVED: &'static str = "BLOCK_NODE_REMOVED";
+}
+
+/// One event kind.
+#[derive(Debug)]
+pub struct EventSpec {
+    pub name: &'static str,
+    pub doc: &'static str,
+    pub data_schema: fn() -> Schema,
+}
+
+/// Every event the registry emits.
+pub fn all() -> Vec<EventSpec> {
+    vec![
+        EventSpec {
+            name: NodeEvent::ADDED,
+            doc: "Strata extension: a node was added to the graph (by blockdev-add, \
+                  including each inline child), children before parents.",
+            data_schema: result_schema::<NodeEvent>,
+        },
+        EventSpec {
+            name: NodeEvent::REMOVED,
+            doc: "Strata extension: a node left the graph (blockdev-del, including the \
+                  inline children that went with it, or an inline child dropped by \
+                  x-blockdev-replace-child), parents before children.",
+            data_schema: result_schema::<NodeEvent>,
+        },
+    ]
+}
