@@ -22,6 +22,29 @@ impl NodeEvent {
     pub const REMOVED: &'static str = "BLOCK_NODE_REMOVED";
 }
 
+/// Data of `BLOCK_IO_ERROR` (QEMU's fields; `action` is always `report`: Strata reports
+/// the error to the user of the node and carries on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct IoErrorEvent {
+    /// Always empty: Strata has no QOM tree.
+    pub qom_path: String,
+    /// The user whose request failed (an export id, a debugging user id).
+    pub device: String,
+    pub node_name: String,
+    /// `read`, `write`, `write-zeroes`, `discard`, `flush` or `block-status`.
+    pub operation: String,
+    pub action: String,
+    /// Whether the error was ENOSPC.
+    pub nospace: bool,
+    /// The error, as strerror and errno name.
+    pub reason: String,
+}
+
+impl IoErrorEvent {
+    pub const NAME: &'static str = "BLOCK_IO_ERROR";
+}
+
 /// One event kind.
 #[derive(Debug)]
 pub struct EventSpec {
@@ -45,6 +68,12 @@ pub fn all() -> Vec<EventSpec> {
                   inline children that went with it, or an inline child dropped by \
                   x-blockdev-replace-child), parents before children.",
             data_schema: result_schema::<NodeEvent>,
+        },
+        EventSpec {
+            name: IoErrorEvent::NAME,
+            doc: "A request of a node's user failed (QEMU's event; action is always \
+                  report). Emitted by the admin thread shortly after the failure.",
+            data_schema: result_schema::<IoErrorEvent>,
         },
     ]
 }

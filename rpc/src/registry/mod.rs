@@ -56,6 +56,7 @@ pub use context::Ctx;
 
 use crate::error::{CommandError, ErrorCode};
 use crate::events::EventBus;
+use events::IoErrorEvent;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -193,6 +194,46 @@ impl Registry {
     /// The bus events go out on.
     pub fn events(&self) -> &EventBus {
         &self.ctx.events
+    }
+
+    /// Emits `BLOCK_IO_ERROR` for every failed user request the reactors reported since
+    /// the last call; returns how many. The admin thread calls this periodically.
+    pub fn poll_io_errors(&mut self) -> usize {
+        let (reports, dropped) = strata_engine::graph::take_io_errors();
+        if dropped > 0 {
+            eprintln!("strata: {dropped} I/O error reports dropped (too many at once)");
+        }
+        for r in &reports {
+            let device = self
+                .ctx
+                .users
+                .iter()
+                .find(|(_, u)| u.user == r.user)
+                .map(|(id, _)| id.clone())
+                .unwrap_or_default();
+            let node_name = self
+                .ctx
+                .graph
+                .state()
+                .nodes
+                .get(&r.node)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            let data = IoErrorEvent {
+                qom_path: String::new(),
+                device,
+                node_name,
+                operation: r.op.name().to_string(),
+                action: "report".to_string(),
+                nospace: r.errno == strata_engine::Errno::ENOSPC,
+                reason: r.errno.to_string(),
+            };
+            self.ctx.events.emit(
+                IoErrorEvent::NAME,
+                serde_json::to_value(data).expect("BUG: event data serializes"),
+            );
+        }
+        reports.len()
     }
 
     /// True once `quit` has run: the server answers it, then calls [`Registry::shutdown`].

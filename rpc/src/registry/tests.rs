@@ -852,11 +852,21 @@ fn query_schema_covers_every_command_and_event_with_valid_json_schemas() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(events, ["BLOCK_NODE_ADDED", "BLOCK_NODE_REMOVED"]);
+    assert_eq!(
+        events,
+        ["BLOCK_NODE_ADDED", "BLOCK_NODE_REMOVED", "BLOCK_IO_ERROR"]
+    );
     for e in schema["events"].as_array().unwrap() {
         jsonschema::meta::validate(&e["data"]).unwrap();
-        assert!(jsonschema::is_valid(&e["data"], &json!({"node-name": "n"})));
     }
+    let data = |i: usize| &schema["events"][i]["data"];
+    assert!(jsonschema::is_valid(data(0), &json!({"node-name": "n"})));
+    assert!(jsonschema::is_valid(
+        data(2),
+        &json!({"qom-path": "", "device": "d", "node-name": "n", "operation": "read",
+                "action": "report", "nospace": false, "reason": "x"})
+    ));
+    assert!(!jsonschema::is_valid(data(2), &json!({"node-name": "n"})));
     let alias = commands
         .iter()
         .find(|c| c["name"] == "x-debug-query-block-graph")
@@ -989,4 +999,48 @@ fn quit_answers_and_sets_the_flag() {
 fn the_registry_can_move_to_the_admin_thread() {
     fn send<T: Send>() {}
     send::<Registry>();
+}
+
+#[test]
+fn a_users_failed_request_becomes_a_block_io_error_event() {
+    let mut h = harness(1);
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "memory", "node-name": "m", "size": 4096}),
+    );
+    h.ok(
+        "x-debug-block-user-add",
+        json!({"id": "dev0", "node-name": "m", "perm": ["consistent-read", "write"]}),
+    );
+    let user = h.reg().ctx.users["dev0"].user;
+    let node = h.reg().graph().state().find("m").unwrap().id;
+    let results = h
+        .reg()
+        .graph()
+        .engine()
+        .spawn(0, move || async move {
+            use strata_engine::{Buffer, ReqFlags, Request};
+            let blk = strata_engine::graph::Blk::open(user, node).unwrap();
+            let past_end = blk
+                .io(Request::write(4096, Buffer::new(512), ReqFlags::NONE))
+                .await;
+            let fine = blk.io(Request::read(0, Buffer::new(512))).await;
+            (past_end.result, fine.result)
+        })
+        .wait()
+        .unwrap();
+    assert_eq!(results, (Err(strata_engine::Errno::ENOSPC), Ok(())));
+    h.events();
+    assert_eq!(h.reg().poll_io_errors(), 1);
+    assert_eq!(
+        h.events(),
+        [(
+            "BLOCK_IO_ERROR".to_string(),
+            json!({"qom-path": "", "device": "dev0", "node-name": "m", "operation": "write",
+                   "action": "report", "nospace": true,
+                   "reason": strata_engine::Errno::ENOSPC.to_string()})
+        )]
+    );
+    assert_eq!(h.reg().poll_io_errors(), 0);
+    h.shutdown();
 }
