@@ -87,8 +87,19 @@ pub fn open_keyval(spec: &str) -> Result<Arc<dyn Driver>, Error> {
 
 /// Deserializes a driver's options, naming the driver in the error.
 pub fn parse_options<T: DeserializeOwned>(driver: &str, v: Value) -> Result<T, Error> {
-    serde_json::from_value(v)
-        .map_err(|e| Error::invalid(format!("invalid options for driver '{driver}': {e}")))
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // Name the option unless the message already does (or the error is about the
+        // whole object, such as an unknown or missing field).
+        let msg =
+            if path == "." || inner.starts_with("option '") || inner.starts_with("unknown field") {
+                inner
+            } else {
+                format!("option '{path}': {inner}")
+            };
+        Error::invalid(format!("invalid options for driver '{driver}': {msg}"))
+    })
 }
 
 /// The JSON Schema of each driver's options (everything but `driver`), by driver name,

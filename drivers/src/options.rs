@@ -44,25 +44,29 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumOrStr {
-    Num(u64),
-    Str(String),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum BoolOrStr {
-    Bool(bool),
-    Str(String),
+/// A number or a string, with an error that says what was expected (serde's untagged
+/// enums only say that nothing matched).
+fn num_or_str<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &str,
+) -> Result<Result<u64, String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Number(n) => n
+            .as_u64()
+            .map(Ok)
+            .ok_or_else(|| de::Error::custom(format_args!("expected {what}, got {n}"))),
+        Value::String(s) => Ok(Err(s)),
+        other => Err(de::Error::custom(format_args!(
+            "expected {what}, got {other}"
+        ))),
+    }
 }
 
 /// `#[serde(deserialize_with = "options::size")]` for byte sizes.
 pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(n) => Ok(n),
-        NumOrStr::Str(s) => parse_size(&s).map_err(de::Error::custom),
+    match num_or_str(d, "a size (a number of bytes, or a string like 4k or 1G)")? {
+        Ok(n) => Ok(n),
+        Err(s) => parse_size(&s).map_err(de::Error::custom),
     }
 }
 
@@ -73,9 +77,9 @@ pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
 
 /// `#[serde(deserialize_with = "options::number")]` for plain integers (no suffixes).
 pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match NumOrStr::deserialize(d)? {
-        NumOrStr::Num(n) => Ok(n),
-        NumOrStr::Str(s) => s
+    match num_or_str(d, "a non-negative integer")? {
+        Ok(n) => Ok(n),
+        Err(s) => s
             .trim()
             .parse()
             .map_err(|_| de::Error::custom(format!("invalid number '{s}'"))),
@@ -84,9 +88,12 @@ pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 /// `#[serde(deserialize_with = "options::boolean")]`.
 pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    match BoolOrStr::deserialize(d)? {
-        BoolOrStr::Bool(b) => Ok(b),
-        BoolOrStr::Str(s) => parse_bool(&s).map_err(de::Error::custom),
+    match Value::deserialize(d)? {
+        Value::Bool(b) => Ok(b),
+        Value::String(s) => parse_bool(&s).map_err(de::Error::custom),
+        other => Err(de::Error::custom(format_args!(
+            "expected a boolean (true/false or on/off), got {other}"
+        ))),
     }
 }
 

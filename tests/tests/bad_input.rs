@@ -195,7 +195,7 @@ fn wrong_arguments_get_invalid_params_and_state_errors_their_own_codes() {
         ("blockdev-del", json!({"node-name": "m"}), BUSY, "in use"),
         (
             "query-named-block-nodes",
-            json!({"flat": "yes"}),
+            json!({"flat": "maybe"}),
             INVALID_PARAMS,
             "flat",
         ),

@@ -137,8 +137,17 @@ fn decode<P: DeserializeOwned>(name: &str, params: Value) -> Result<P, CommandEr
             )));
         }
     };
-    serde_json::from_value(params)
-        .map_err(|e| CommandError::invalid_params(format!("Invalid parameters for '{name}': {e}")))
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names unknown and missing fields itself; a bad value gets its field.
+        let msg = if path == "." || inner.starts_with("unknown field") {
+            inner
+        } else {
+            format!("'{path}': {inner}")
+        };
+        CommandError::invalid_params(format!("Invalid parameters for '{name}': {msg}"))
+    })
 }
 
 fn kind_of(v: &Value) -> &'static str {

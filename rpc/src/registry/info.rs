@@ -21,7 +21,9 @@ use strata_engine::{ChildRole, NodeId};
 #[serde(deny_unknown_fields)]
 pub struct QueryNamedBlockNodes {
     /// Leave out `backing-image` (default false: the backing chain nests, as QEMU).
-    #[serde(default)]
+    /// Also `on`/`off` strings, as `strata-rpc key=value` sends them.
+    #[serde(default, deserialize_with = "strata_drivers::options::boolean")]
+    #[schemars(schema_with = "strata_drivers::options::boolean_schema")]
     pub flat: bool,
 }
 

@@ -73,10 +73,12 @@ pub fn query_schema(ctx: &mut Ctx, _: Empty) -> Result<SchemaInfo, CommandError>
 pub struct GetMethods {
     /// Only the methods callable now (SPDK's startup/runtime split; Strata has no
     /// startup-only methods, so this changes nothing).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strata_drivers::options::boolean")]
+    #[schemars(schema_with = "strata_drivers::options::boolean_schema")]
     pub current: bool,
     /// Include alias names (`x-debug-query-block-graph`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strata_drivers::options::boolean")]
+    #[schemars(schema_with = "strata_drivers::options::boolean_schema")]
     pub include_aliases: bool,
 }
 

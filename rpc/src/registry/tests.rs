@@ -142,6 +142,13 @@ fn an_unknown_command_is_method_not_found_with_qemus_text() {
 
 #[test]
 fn params_errors_are_invalid_params_with_serdes_message() {
+    // Booleans also come as strings from `strata-rpc key=value`.
+    let mut h0 = harness(1);
+    assert_eq!(
+        h0.ok("query-named-block-nodes", json!({"flat": "on"})),
+        json!([])
+    );
+    h0.shutdown();
     let mut h = harness(1);
     let cases = [
         (
@@ -162,13 +169,12 @@ fn params_errors_are_invalid_params_with_serdes_message() {
         (
             "blockdev-del",
             json!({"node-name": 7}),
-            "Invalid parameters for 'blockdev-del': invalid type: integer `7`, expected a string",
+            "Invalid parameters for 'blockdev-del': 'node-name': invalid type: integer `7`, expected a string",
         ),
         (
             "query-named-block-nodes",
-            json!({"flat": "yes"}),
-            "Invalid parameters for 'query-named-block-nodes': invalid type: string \"yes\", \
-             expected a boolean",
+            json!({"flat": "maybe"}),
+            "Invalid parameters for 'query-named-block-nodes': 'flat': invalid boolean 'maybe': use on or off",
         ),
         (
             "quit",
@@ -188,7 +194,7 @@ fn params_errors_are_invalid_params_with_serdes_message() {
         (
             "x-debug-block-user-add",
             json!({"id": "u", "node-name": "n", "perm": ["graph-mod"]}),
-            "Invalid parameters for 'x-debug-block-user-add': unknown variant `graph-mod`, \
+            "Invalid parameters for 'x-debug-block-user-add': 'perm[0]': unknown variant `graph-mod`, \
              expected one of `consistent-read`, `write`, `write-unchanged`, `resize`",
         ),
     ];
