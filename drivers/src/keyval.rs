@@ -4,7 +4,9 @@
 //! Rules (from QEMU's keyval): pairs are separated by `,`; a literal comma inside a value
 //! is written `,,`; dots in keys make nested objects (`cache.direct=on` becomes
 //! `{"cache": {"direct": "on"}}`); every value is a string (option types accept strings,
-//! see [`crate::options`]); a key may appear once.
+//! see [`crate::options`]); a key may appear once; an object whose keys are exactly
+//! `0`, `1`, ... `n-1` is a list (`perm.0=write,perm.1=resize` is `{"perm": ["write",
+//! "resize"]}`), and a mix of index and name keys is an error.
 
 use serde_json::{Map, Value};
 
@@ -35,7 +37,33 @@ pub fn parse(s: &str) -> Result<Value, String> {
         }
         map.insert(last.to_string(), Value::String(value));
     }
-    Ok(Value::Object(root))
+    lists(Value::Object(root))
+}
+
+/// Turns objects keyed `0..n` into arrays, depth first.
+fn lists(v: Value) -> Result<Value, String> {
+    let Value::Object(map) = v else { return Ok(v) };
+    let indexed = map
+        .keys()
+        .filter(|k| k.bytes().all(|b| b.is_ascii_digit()))
+        .count();
+    let mut map: Map<String, Value> = map
+        .into_iter()
+        .map(|(k, v)| Ok((k, lists(v)?)))
+        .collect::<Result<_, String>>()?;
+    if indexed == 0 {
+        return Ok(Value::Object(map));
+    }
+    if indexed != map.len() {
+        return Err("a key mixes list indexes (0, 1, ...) and names".to_string());
+    }
+    (0..map.len())
+        .map(|i| {
+            map.remove(&i.to_string())
+                .ok_or_else(|| format!("list index {i} is missing (indexes must be 0, 1, 2, ...)"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
 }
 
 fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
@@ -84,8 +112,25 @@ mod tests {
     }
 
     #[test]
+    fn numbered_keys_make_lists() {
+        assert_eq!(
+            parse("perm.1=resize,perm.0=write,x.0.a=1,x.0.b=2").unwrap(),
+            json!({"perm": ["write", "resize"], "x": [{"a": "1", "b": "2"}]})
+        );
+    }
+
+    #[test]
     fn malformed_input_is_an_error_not_a_panic() {
-        for bad in ["driver", "=x", "a.=1", "a=1,a=2", "a=1,a.b=2", ".a=1"] {
+        for bad in [
+            "driver",
+            "=x",
+            "a.=1",
+            "a=1,a=2",
+            "a=1,a.b=2",
+            ".a=1",
+            "l.0=a,l.2=b",
+            "l.0=a,l.x=b",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should fail");
         }
     }
