@@ -10,8 +10,13 @@
 //!   | tasks  |  | tasks  |   tasks hold Handles:  Handle --check--> dyn Queue (per reactor)
 //!   | inbox  |  | inbox  |                                         ^ opened from
 //!   +--------+  +--------+                          Arc<dyn Driver> (one per node)
+//!       ^ graph::Update (drain, publish)
+//!   admin thread: Graph { nodes, named child edges, users, permissions }
 //! ```
 //!
+//! - [`graph`]: the block graph: nodes and permission-carrying child edges (QEMU's
+//!   rules and messages), filter helpers, and the drain protocol that changes it under
+//!   load without a lock on the data path.
 //! - [`reactor`]: reactors, the executor, the ring (with the ownership rules for memory
 //!   shared with the kernel), messages and replies, timers, poll modes.
 //! - [`request`]: [`Request`] / [`Completion`]: owned requests that complete exactly once.
