@@ -234,6 +234,33 @@ fn raw_nodes_over_a_file_in_the_graph_share_it_and_lock_it_for_their_users() {
 }
 
 #[test]
+fn two_writable_raw_windows_over_one_node_coexist_as_in_qemu() {
+    let mut g = graph();
+    g.add(&json!({"node-name": "m", "driver": "memory", "size": 2 << 20}))
+        .unwrap();
+    for (name, offset) in [("p1", 0), ("p2", 1 << 20)] {
+        g.add(&json!({"node-name": name, "driver": "raw", "file": "m", "offset": offset, "size": 1 << 20}))
+            .unwrap();
+    }
+    // Users like block exports: they write and share everything but resize.
+    let w = Perm::CONSISTENT_READ | Perm::WRITE;
+    let shared = !Perm::RESIZE;
+    g.attach_user("block device 'u1'", "p1", w, shared).unwrap();
+    g.attach_user("block device 'u2'", "p2", w, shared).unwrap();
+    // Each window writes its child but takes resize only if its users do (QEMU's
+    // raw_child_perm; the default rules would take it and conflict); neither lets
+    // anyone resize the child under it.
+    let m = g.state().find("m").unwrap();
+    assert_eq!(m.perm, w);
+    assert!(!m.shared.contains(Perm::RESIZE));
+    let e = g
+        .attach_user("block device 'grow'", "m", Perm::RESIZE, Perm::ALL)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionConflict, "{e}");
+    g.shutdown();
+}
+
+#[test]
 fn an_inline_file_child_in_the_graph_follows_its_raw_parent() {
     let image = Image::new(1 << 20);
     let mut g = graph();

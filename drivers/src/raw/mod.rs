@@ -46,7 +46,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::{Arc, RwLock};
-use strata_engine::graph::{ChildRole, Children, OpenContext};
+use strata_engine::graph::{ChildRole, Children, OpenContext, Perm, default_child_perm};
 use strata_engine::{Driver, DriverInfo, Errno, Error, Queue};
 
 mod queue;
@@ -204,6 +204,17 @@ impl Driver for Raw {
     fn open_queue(&self, children: &Children) -> Result<Box<dyn Queue>, Errno> {
         let child = children.get_or_open("file", &*self.child())?;
         Ok(Box::new(queue::RawQueue::new(child, self.offset)))
+    }
+
+    /// QEMU's `raw_child_perm`: the default rules, except that write and resize on the
+    /// child are taken only when a parent needs them (a data child would otherwise
+    /// always take resize with write), so two writable windows (partitions) over one
+    /// file coexist.
+    fn child_perm(&self, _name: &str, role: ChildRole, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        let writable = !self.info().read_only;
+        let (nperm, nshared) = default_child_perm(role, writable, perm, shared);
+        let wr = Perm::WRITE | Perm::RESIZE;
+        ((nperm & !wr) | (perm & wr), nshared)
     }
 
     fn replace_child(&self, name: &str, child: &Arc<dyn Driver>) -> Result<(), Error> {

@@ -504,14 +504,18 @@ impl Ctx<'_> {
         for e in &edges {
             options.remove(&e.name);
         }
-        if options
-            .get("force-share")
-            .is_some_and(|v| v == &Value::Bool(true) || v == "on")
-            && !driver.info().read_only
-        {
+        if options.get("force-share").is_some_and(state::is_on) && !driver.info().read_only {
             return Err(Error::invalid(
                 "force-share=on can only be used with read-only images",
             ));
+        }
+        // A child given inline may have taken the name meanwhile.
+        if let Some(name) = &name
+            && self.cand.by_name(name).is_some()
+        {
+            return Err(Error::invalid(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
         }
         let id = *self.next_id;
         *self.next_id += 1;
@@ -595,7 +599,11 @@ fn check_node_name(name: &str) -> Result<String, Error> {
 fn check_common_options(obj: &Map<String, Value>) -> Result<(), Error> {
     let boolean = |key: &str| match obj.get(key) {
         None | Some(Value::Bool(_)) => Ok(()),
-        Some(Value::String(s)) if matches!(s.as_str(), "on" | "off" | "true" | "false") => Ok(()),
+        Some(Value::String(s))
+            if matches!(s.as_str(), "on" | "off" | "true" | "false" | "yes" | "no") =>
+        {
+            Ok(())
+        }
         Some(_) => Err(Error::invalid(format!(
             "Invalid parameter type for '{key}', expected: boolean"
         ))),

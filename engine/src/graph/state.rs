@@ -13,6 +13,10 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// The deepest a graph may be (nodes on one parent-to-child path). Requests recurse
+/// through the levels on a reactor's stack; 256 levels use well under its 2 MiB.
+pub const MAX_DEPTH: usize = 256;
+
 /// Identity of a user of a node (an export, a benchmark job, a debugging user).
 pub type UserId = u64;
 
@@ -72,7 +76,8 @@ pub struct User {
     pub shared: Perm,
 }
 
-fn is_on(v: &Value) -> bool {
+/// QEMU's spellings of a true boolean option.
+pub(crate) fn is_on(v: &Value) -> bool {
     matches!(v, Value::Bool(true)) || matches!(v.as_str(), Some("on" | "true" | "yes"))
 }
 
@@ -164,6 +169,7 @@ impl State {
     /// permissions changed from `applied` (the committed graph), for the drivers to lock.
     pub fn refresh_perms(&mut self, applied: &State) -> Result<Vec<NodeId>, Error> {
         let order = self.topological()?;
+        self.check_depth(&order)?;
         let mut changed = Vec::new();
         for id in order {
             let claims = self.claims(id);
@@ -196,6 +202,25 @@ impl State {
             }
         }
         Ok(changed)
+    }
+
+    /// Refuses a graph with a path longer than [`MAX_DEPTH`] (`order`: parents first).
+    fn check_depth(&self, order: &[NodeId]) -> Result<(), Error> {
+        let mut depth: HashMap<NodeId, usize> = HashMap::new();
+        for &id in order {
+            let d = *depth.entry(id).or_insert(1);
+            if d > MAX_DEPTH {
+                return Err(Error::invalid(format!(
+                    "the change would put node '{}' {d} levels deep; Strata allows at most {MAX_DEPTH}",
+                    self.node(id).name
+                )));
+            }
+            for e in &self.node(id).children {
+                let c = depth.entry(e.child).or_insert(1);
+                *c = (*c).max(d + 1);
+            }
+        }
+        Ok(())
     }
 
     fn claims(&self, id: NodeId) -> Vec<Claim> {

@@ -283,6 +283,53 @@ fn names_are_checked_and_unique_and_references_must_exist() {
 }
 
 #[test]
+fn a_name_given_twice_in_one_add_is_refused() {
+    let mut g = graph(1);
+    let e = g
+        .add(&json!({"driver": "tfilter", "node-name": "a", "file": {"driver": "tmem", "node-name": "a"}}))
+        .unwrap_err();
+    assert_eq!(e.message, "Duplicate nodes with node-name='a'");
+    assert!(g.state().nodes.is_empty());
+    g.shutdown();
+}
+
+#[test]
+fn force_share_in_any_spelling_needs_a_read_only_node() {
+    let mut g = graph(1);
+    for on in [json!(true), json!("on"), json!("true"), json!("yes")] {
+        let e = g
+            .add(&json!({"driver": "tmem", "node-name": "w", "force-share": on}))
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "force-share=on can only be used with read-only images"
+        );
+    }
+    g.add(&json!({"driver": "tmem", "node-name": "r", "read-only": true, "force-share": "on"}))
+        .unwrap();
+    g.shutdown();
+}
+
+#[test]
+fn a_graph_deeper_than_the_limit_is_refused() {
+    let mut g = graph(1);
+    g.add(&json!({"driver": "tmem", "node-name": "c0", "size": 4096}))
+        .unwrap();
+    for i in 1..state::MAX_DEPTH {
+        g.add(&json!({"driver": "tfilter", "node-name": format!("c{i}"), "file": format!("c{}", i - 1)}))
+            .unwrap();
+    }
+    let top = format!("c{}", state::MAX_DEPTH - 1);
+    let e = g
+        .add(&json!({"driver": "tfilter", "node-name": "over", "file": top}))
+        .unwrap_err();
+    assert!(e.message.contains("levels deep"), "{e}");
+    // The deepest allowed chain still works end to end (and flushes at shutdown).
+    assert_eq!(read(&g, 0, &top, 0), vec![0; 512]);
+    g.shutdown();
+}
+
+#[test]
 fn a_node_in_use_cannot_be_deleted() {
     let mut g = graph(1);
     g.add(&json!({"driver": "tmem", "node-name": "m"})).unwrap();
