@@ -261,6 +261,41 @@ fn two_writable_raw_windows_over_one_node_coexist_as_in_qemu() {
 }
 
 #[test]
+fn re_parenting_below_a_window_rechecks_and_reopens_every_ancestor() {
+    let mut g = graph();
+    g.add(&json!({"driver": "memory", "node-name": "big", "size": 65536}))
+        .unwrap();
+    g.add(&json!({"driver": "memory", "node-name": "small", "size": 8192}))
+        .unwrap();
+    g.add(&json!({"driver": "memory", "node-name": "tiny", "size": 512}))
+        .unwrap();
+    g.add(&json!({"driver": "raw", "node-name": "q", "file": "big"}))
+        .unwrap();
+    g.add(&json!({"driver": "raw", "node-name": "p", "file": "q", "offset": 4096}))
+        .unwrap();
+    // p's window starts at 4096: a 512-byte child below q would leave it outside.
+    let e = g.replace_child("q", "file", "tiny").unwrap_err();
+    assert!(e.message.contains("Offset (4096)"), "{e}");
+    let q = g.state().find("q").unwrap();
+    assert_eq!(q.children[0].child, g.state().find("big").unwrap().id);
+    assert_eq!(q.driver.info().size, 65536, "the refused change was undone");
+    // A child that fits: p follows the new size on every reactor.
+    g.replace_child("q", "file", "small").unwrap();
+    let p = g.state().find("p").unwrap().id;
+    for r in 0..REACTORS {
+        let size = g
+            .engine()
+            .call(r, move || {
+                drain::node(p).and_then(|n| n.info()).map(|i| i.size)
+            })
+            .wait()
+            .unwrap();
+        assert_eq!(size, Some(8192 - 4096), "reactor {r}");
+    }
+    g.shutdown();
+}
+
+#[test]
 fn an_inline_file_child_in_the_graph_follows_its_raw_parent() {
     let image = Image::new(1 << 20);
     let mut g = graph();

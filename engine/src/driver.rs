@@ -89,6 +89,13 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// Rolls back the last [`Driver::check_perm`].
     fn abort_perm(&self) {}
 
+    /// Checks the node still fits its children after a change below it (a `raw` window
+    /// must lie inside its child). Called on the admin thread on every ancestor of a
+    /// re-parented child before the change commits.
+    fn check_children(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Points child `name` at another node (re-parenting). The graph calls this on the
     /// admin thread while preparing the change, and again with the old child if the
     /// change is rolled back; queues are reopened afterwards. Drivers without children

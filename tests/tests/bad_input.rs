@@ -260,6 +260,20 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
     assert_eq!(replies.len(), 2, "the notification gets no reply: {v}");
     let b = replies.iter().find(|r| r["id"] == "b").unwrap();
     assert_eq!(b["error"]["code"], NOT_FOUND_METHOD);
+    // A batch over the limit (128) is refused whole, before anything runs.
+    let big_batch: Vec<Value> = (0..129)
+        .map(|i| json!({"jsonrpc": "2.0", "method": "query-schema", "id": i}))
+        .collect();
+    rpc.send_raw(serde_json::to_string(&big_batch).unwrap().as_bytes());
+    let v = rpc.recv();
+    assert_eq!(v["error"]["code"], INVALID_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large"),
+        "{v}"
+    );
     // A notification alone gets no reply: the next reply is for the next request.
     rpc.send_raw(br#"{"jsonrpc":"2.0","method":"query-version"}"#);
     still_serving(&mut rpc);

@@ -217,6 +217,10 @@ impl Driver for Raw {
         ((nperm & !wr) | (perm & wr), nshared)
     }
 
+    fn check_children(&self) -> Result<(), Error> {
+        check_window(&self.opts, &self.child().info())
+    }
+
     fn replace_child(&self, name: &str, child: &Arc<dyn Driver>) -> Result<(), Error> {
         if name != "file" {
             return Err(Error::invalid(format!(

@@ -206,20 +206,29 @@ impl Graph {
         {
             removed = remove_cascade(&mut cand, old_id);
         }
-        cand.topological()?;
+        // The parent and everything above it may change size or limits: each is
+        // re-checked against its children and gets a fresh queue (with fresh limits).
+        let above = cand.ancestors_bottom_up(pid)?;
         let parent_driver = cand.node(pid).driver.clone();
         parent_driver.replace_child(child, &new_driver)?;
         let name = child.to_string();
-        let undo: Vec<Box<dyn FnOnce()>> = vec![Box::new(move || {
+        let undo = move || {
             // Restoring the previous child cannot fail: the driver had it before.
             let _ = parent_driver.replace_child(&name, &old_driver);
-        })];
-        let mut drain = vec![pid];
+        };
+        for id in &above {
+            if let Err(e) = cand.node(*id).driver.check_children() {
+                undo();
+                return Err(e);
+            }
+        }
+        let undo: Vec<Box<dyn FnOnce()>> = vec![Box::new(undo)];
+        let mut drain = above.clone();
         drain.extend(&removed);
         self.apply(
             cand,
             Plan {
-                open: vec![pid],
+                open: above,
                 drain,
                 remove: removed,
             },
@@ -407,6 +416,7 @@ impl Graph {
         }
         if let Some(e) = error {
             self.broadcast(Update::abort);
+            self.pause_start = None;
             return Err(e);
         }
         Ok(())

@@ -130,6 +130,27 @@ impl State {
         self.users.values().filter(move |u| u.node == id)
     }
 
+    /// `id` and every node above it, children before parents.
+    pub fn ancestors_bottom_up(&self, id: NodeId) -> Result<Vec<NodeId>, Error> {
+        let mut above = vec![id];
+        let mut i = 0;
+        while i < above.len() {
+            let parents: Vec<NodeId> = self.parents(above[i]).map(|(p, _)| p.id).collect();
+            for p in parents {
+                if !above.contains(&p) {
+                    above.push(p);
+                }
+            }
+            i += 1;
+        }
+        let order = self.topological()?;
+        Ok(order
+            .into_iter()
+            .rev()
+            .filter(|n| above.contains(n))
+            .collect())
+    }
+
     /// All nodes, every parent before its children. Errors on a cycle.
     pub fn topological(&self) -> Result<Vec<NodeId>, Error> {
         let mut indegree: HashMap<NodeId, usize> = self.nodes.keys().map(|&id| (id, 0)).collect();
@@ -186,15 +207,21 @@ impl State {
                 ));
             }
             check_conflicts(&node.name, &claims)?;
-            let force_share = node.force_share();
+            // QEMU's bdrv_child_perm: a child opened with force-share is shared fully
+            // by every parent.
+            let force_shared: Vec<bool> = node
+                .children
+                .iter()
+                .map(|e| self.node(e.child).force_share())
+                .collect();
             let driver = node.driver.clone();
             let node = self.nodes.get_mut(&id).expect("BUG: node vanished");
             node.perm = perm;
             node.shared = shared;
-            for e in &mut node.children {
+            for (e, force) in node.children.iter_mut().zip(force_shared) {
                 let (p, s) = driver.child_perm(&e.name, e.role, perm, shared);
                 e.perm = p;
-                e.shared = if force_share { Perm::ALL } else { s };
+                e.shared = if force { Perm::ALL } else { s };
             }
             let before = applied.nodes.get(&id).map(|n| (n.perm, n.shared));
             if before != Some((perm, shared)) {

@@ -311,6 +311,34 @@ fn force_share_in_any_spelling_needs_a_read_only_node() {
 }
 
 #[test]
+fn force_share_on_a_child_makes_its_parents_share_everything() {
+    let mut g = graph(1);
+    g.add(&json!({"driver": "tmem", "node-name": "m", "read-only": true, "force-share": true}))
+        .unwrap();
+    g.add(&json!({"driver": "tfilter", "node-name": "f", "file": "m"}))
+        .unwrap();
+    g.attach_user(
+        "block device 'u'",
+        "f",
+        Perm::CONSISTENT_READ,
+        Perm::CONSISTENT_READ,
+    )
+    .unwrap();
+    let f = g.state().find("f").unwrap();
+    assert_eq!(
+        f.shared,
+        Perm::CONSISTENT_READ,
+        "the filter's own users unshare"
+    );
+    assert_eq!(
+        f.children[0].shared,
+        Perm::ALL,
+        "but its edge into m shares all"
+    );
+    g.shutdown();
+}
+
+#[test]
 fn a_graph_deeper_than_the_limit_is_refused() {
     let mut g = graph(1);
     g.add(&json!({"driver": "tmem", "node-name": "c0", "size": 4096}))

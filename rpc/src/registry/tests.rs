@@ -591,10 +591,10 @@ fn query_block_graph_lists_users_as_backends_and_every_edge_with_qemus_perm_name
                 {"parent": u, "child": r, "name": "root",
                  "perm": ["write", "consistent-read"],
                  "shared-perm": ["write-unchanged", "consistent-read"]},
-                // raw with an offset: a DATA child, so write implies resize and resize is
-                // never shared.
+                // raw with an offset: a DATA child, so resize is never shared; raw takes
+                // write (and resize) only as its users do (QEMU's raw_child_perm).
                 {"parent": r, "child": m, "name": "file",
-                 "perm": ["resize", "write", "consistent-read"],
+                 "perm": ["write", "consistent-read"],
                  "shared-perm": ["write-unchanged", "consistent-read"]},
             ],
         })

@@ -139,12 +139,24 @@ fn parse_error(detail: &str) -> Response {
     )
 }
 
+/// The most requests one batch may hold. A batch's replies are built in memory before
+/// any is sent, so an unbounded batch (hundreds of thousands of calls fit in a 16 MiB
+/// message) could exhaust memory and hold the admin thread for everyone.
+pub const MAX_BATCH: usize = 128;
+
 /// Answers a parsed message (a request or a batch); `None` when nothing is to be sent.
 pub(crate) fn handle_message(message: Value, s: &mut Session) -> Option<Value> {
     match message {
         Value::Array(batch) if batch.is_empty() => to_value(invalid_request(
             Value::Null,
             "an empty batch is not a request",
+        )),
+        Value::Array(batch) if batch.len() > MAX_BATCH => to_value(invalid_request(
+            Value::Null,
+            &format!(
+                "a batch of {} requests is too large (at most {MAX_BATCH})",
+                batch.len()
+            ),
         )),
         Value::Array(batch) => {
             let replies: Vec<Value> = batch
