@@ -59,6 +59,9 @@ pub struct MemoryOptions {
     #[serde(deserialize_with = "options::size")]
     #[schemars(schema_with = "options::size_schema")]
     pub size: u64,
+    /// QEMU's common `cache.*` options: accepted, and meaningless without a host file.
+    #[serde(default)]
+    pub cache: options::CacheOptions,
     /// The node refuses writes.
     #[serde(default, deserialize_with = "options::read_only")]
     #[schemars(schema_with = "options::boolean_schema")]
@@ -298,6 +301,7 @@ mod tests {
         Memory::new(MemoryOptions {
             size,
             read_only: false,
+            cache: Default::default(),
         })
         .expect("memory node")
     }
@@ -309,6 +313,7 @@ mod tests {
                 Memory::new(MemoryOptions {
                     size: conformance::MIN_SIZE,
                     read_only: true,
+                    cache: Default::default(),
                 })
                 .expect("memory node"),
             )
@@ -385,6 +390,7 @@ mod tests {
         let err = Memory::new(MemoryOptions {
             size: 1 << 50,
             read_only: false,
+            cache: Default::default(),
         })
         .unwrap_err();
         assert_eq!(err.errno, Some(Errno::ENOMEM), "{err}");

@@ -32,6 +32,9 @@ pub struct NullOptions {
     #[serde(default, deserialize_with = "options::number")]
     #[schemars(schema_with = "options::number_schema")]
     pub latency_ns: u64,
+    /// QEMU's common `cache.*` options: accepted, and meaningless without a host file.
+    #[serde(default)]
+    pub cache: options::CacheOptions,
     /// The node refuses writes.
     #[serde(default, deserialize_with = "options::read_only")]
     #[schemars(schema_with = "options::boolean_schema")]

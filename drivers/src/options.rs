@@ -10,7 +10,7 @@
 //! publishes accepts exactly the value shapes serde accepts. Strings are only typed, not
 //! patterned: the driver checks their spelling and names the option in its error.
 
-use schemars::{Schema, SchemaGenerator, json_schema};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use serde_json::Value;
@@ -155,6 +155,30 @@ pub fn child_schema(_: &mut SchemaGenerator) -> Schema {
             {"type": "object"}
         ]
     })
+}
+
+/// `cache.*` options (QEMU's common options: every driver accepts them; only `file`
+/// has a host page cache to bypass and flushes to skip; a format or filter node's
+/// `cache` is inherited by children given inline).
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CacheOptions {
+    /// Bypass the host page cache (`O_DIRECT`); requests must then be aligned.
+    #[serde(default, deserialize_with = "direct")]
+    #[schemars(schema_with = "boolean_schema")]
+    pub direct: bool,
+    /// Ignore flushes (and FUA): fast and unsafe, for scratch images.
+    #[serde(default, deserialize_with = "no_flush")]
+    #[schemars(schema_with = "boolean_schema")]
+    pub no_flush: bool,
+}
+
+fn direct<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    named("cache.direct", d, boolean)
+}
+
+fn no_flush<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    named("cache.no-flush", d, boolean)
 }
 
 /// Runs `parse` on an option's value and names the option in its error, so a person

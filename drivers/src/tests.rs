@@ -322,6 +322,38 @@ fn an_inline_file_child_in_the_graph_follows_its_raw_parent() {
     assert_eq!(image.locked_bytes(), [0u64; 0], "shutdown closes the image");
 }
 
+#[test]
+fn inline_children_inherit_read_only_discard_and_cache_as_in_qemu() {
+    let image = Image::new(1 << 20);
+    let mut g = graph();
+    g.add(&json!({
+        "driver": "raw", "node-name": "disk", "read-only": true, "discard": "unmap",
+        "cache": {"direct": true},
+        "file": {"driver": "file", "filename": image.name(), "cache": {"no-flush": "on"}}
+    }))
+    .expect("add raw with an inline file");
+    let s = g.state();
+    let disk = s.find("disk").unwrap();
+    let file = s.node(disk.children[0].child);
+    assert_eq!(file.options["read-only"], json!(true));
+    assert_eq!(file.options["discard"], json!("unmap"));
+    // Each cache.* key the child does not give comes from the parent.
+    assert_eq!(
+        file.options["cache"],
+        json!({"direct": true, "no-flush": "on"})
+    );
+    let info = file.driver.info();
+    assert!(info.read_only);
+    assert!(
+        info.request_alignment > 1,
+        "the file was opened O_DIRECT: {info:?}"
+    );
+    // Drivers without a page cache accept cache.* too, as QEMU's do.
+    g.add(&json!({"driver": "null-co", "node-name": "n", "cache": {"direct": "off"}}))
+        .expect("null-co with cache");
+    g.shutdown();
+}
+
 // ---- option schemas ---------------------------------------------------------------------
 
 /// Whether `v` is valid against `schema` (the subset of JSON Schema the drivers' schemas

@@ -1,6 +1,7 @@
 //! `file` options, with QEMU's names (`blockdev-add driver=file`).
 
 use crate::options;
+pub use crate::options::CacheOptions;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
@@ -30,20 +31,6 @@ pub struct FileOptions {
     pub locking: Locking,
 }
 
-/// `cache.*` options.
-#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct CacheOptions {
-    /// Bypass the host page cache (`O_DIRECT`); requests must then be aligned.
-    #[serde(default, deserialize_with = "direct")]
-    #[schemars(schema_with = "options::boolean_schema")]
-    pub direct: bool,
-    /// Ignore flushes (and FUA): fast and unsafe, for scratch images.
-    #[serde(default, deserialize_with = "no_flush")]
-    #[schemars(schema_with = "options::boolean_schema")]
-    pub no_flush: bool,
-}
-
 /// `aio`: how I/O is submitted. Strata always uses io_uring; QEMU's other values are
 /// refused with a message rather than silently ignored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,14 +57,6 @@ fn filename<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         }
         Ok(name)
     })
-}
-
-fn direct<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    options::named("cache.direct", d, options::boolean)
-}
-
-fn no_flush<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    options::named("cache.no-flush", d, options::boolean)
 }
 
 fn aio<'de, D: Deserializer<'de>>(d: D) -> Result<Aio, D::Error> {

@@ -65,6 +65,9 @@ pub struct RawOptions {
     #[serde(deserialize_with = "file")]
     #[schemars(schema_with = "options::child_schema")]
     pub file: Value,
+    /// QEMU's common `cache.*` options: accepted, and meaningless without a host file.
+    #[serde(default)]
+    pub cache: options::CacheOptions,
     /// Where the window starts in the child, in bytes.
     // (skip_serializing_if only keeps `"default": null` out of the schema: null is not
     // accepted.)

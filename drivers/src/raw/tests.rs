@@ -21,6 +21,7 @@ fn memory(size: u64) -> Arc<dyn Driver> {
         Memory::new(MemoryOptions {
             size,
             read_only: false,
+            cache: Default::default(),
         })
         .expect("memory node"),
     )

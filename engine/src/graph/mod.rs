@@ -136,6 +136,7 @@ impl Graph {
                 cand: &mut cand,
                 opened: &mut opened,
                 edges: Vec::new(),
+                parents: Vec::new(),
             };
             ctx.open_node(options)?
         };
@@ -476,6 +477,8 @@ struct Ctx<'a> {
     opened: &'a mut Vec<NodeId>,
     /// Children the node being opened linked so far.
     edges: Vec<Edge>,
+    /// Options of the nodes being opened, innermost last (inline children inherit).
+    parents: Vec<Map<String, Value>>,
 }
 
 impl Ctx<'_> {
@@ -506,7 +509,9 @@ impl Ctx<'_> {
             driver_opts.remove(*key);
         }
         let outer = std::mem::take(&mut self.edges);
+        self.parents.push(obj.clone());
         let opened = (self.opener)(&driver_opts, self);
+        self.parents.pop();
         let edges = std::mem::replace(&mut self.edges, outer);
         let driver = opened?;
         let mut options = obj.clone();
@@ -571,7 +576,10 @@ impl OpenContext for Ctx<'_> {
                     })?
                     .id
             }
-            Value::Object(_) => self.open_node(spec)?,
+            Value::Object(child) => {
+                let spec = inherit(self.parents.last(), child, role);
+                self.open_node(&spec)?
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "Invalid parameter type for '{name}', expected: a node name or an options object"
@@ -587,6 +595,40 @@ impl OpenContext for Ctx<'_> {
         });
         Ok(self.cand.node(id).driver.clone())
     }
+}
+
+/// The options of a child given inline, with what it inherits from its parent where
+/// it does not say otherwise (QEMU's `bdrv_inherited_options`): `read-only`,
+/// `auto-read-only`, `discard` and each `cache.*` option; a backing child defaults to
+/// read-only. Inherited values become the child's own options, so what is reported
+/// recreates it.
+fn inherit(
+    parent: Option<&Map<String, Value>>,
+    child: &Map<String, Value>,
+    role: ChildRole,
+) -> Value {
+    let mut child = child.clone();
+    if let Some(parent) = parent {
+        for key in ["read-only", "auto-read-only", "discard"] {
+            if let (Some(v), false) = (parent.get(key), child.contains_key(key)) {
+                child.insert(key.to_string(), v.clone());
+            }
+        }
+        if let Some(Value::Object(cache)) = parent.get("cache") {
+            if let Value::Object(own) = child
+                .entry("cache")
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                for (k, v) in cache {
+                    own.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+    if role.contains(ChildRole::COW) && !child.contains_key("read-only") {
+        child.insert("read-only".to_string(), Value::Bool(true));
+    }
+    Value::Object(child)
 }
 
 /// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.` and `_`, at
