@@ -150,7 +150,8 @@ fn decode<P: DeserializeOwned>(name: &str, params: Value) -> Result<P, CommandEr
     })
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for messages ("expected an object, got a string").
+pub fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

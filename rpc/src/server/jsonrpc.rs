@@ -229,19 +229,8 @@ fn params(p: Option<Value>) -> Result<Value, CommandError> {
         )),
         Some(other) => Err(CommandError::invalid_params(format!(
             "'params' must be an object or an array, not {}",
-            kind(&other)
+            crate::registry::command::kind_of(&other)
         ))),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
