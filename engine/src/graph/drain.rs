@@ -40,7 +40,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// A queue a reactor must open for a change: for a new node, or a node whose children
 /// changed.
@@ -59,7 +58,7 @@ enum Kind {
     Prepare {
         open: Vec<OpenSpec>,
         drain: Vec<NodeId>,
-        reply: Replier<Result<Duration, Errno>>,
+        reply: Replier<Result<(), Errno>>,
     },
     Commit {
         remove: Vec<NodeId>,
@@ -87,7 +86,7 @@ impl Update {
     pub(crate) fn prepare(
         open: Vec<OpenSpec>,
         drain: Vec<NodeId>,
-        reply: Replier<Result<Duration, Errno>>,
+        reply: Replier<Result<(), Errno>>,
     ) -> Update {
         Update(Kind::Prepare { open, drain, reply })
     }
@@ -145,12 +144,11 @@ pub(crate) fn handle(update: Update) {
                     .collect()
             });
             reactor::spawn(async move {
-                let start = Instant::now();
                 for node in &nodes {
                     node.drain().await;
                 }
                 TABLE.with(|t| t.borrow_mut().drained = nodes);
-                reply.send(Ok(start.elapsed()));
+                reply.send(Ok(()));
             });
         }
         Kind::Commit { remove, reply } => {

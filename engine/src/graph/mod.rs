@@ -146,7 +146,7 @@ impl Graph {
                 open: opened,
                 ..Plan::default()
             },
-            Vec::new(),
+            None,
         )?;
         Ok(id)
     }
@@ -175,7 +175,7 @@ impl Graph {
                 remove: removed,
                 ..Plan::default()
             },
-            Vec::new(),
+            None,
         )
     }
 
@@ -223,7 +223,7 @@ impl Graph {
                 return Err(e);
             }
         }
-        let undo: Vec<Box<dyn FnOnce()>> = vec![Box::new(undo)];
+        let undo: Option<Box<dyn FnOnce()>> = Some(Box::new(undo));
         let mut drain = above.clone();
         drain.extend(&removed);
         self.apply(
@@ -260,7 +260,7 @@ impl Graph {
                 shared,
             },
         );
-        self.apply(cand, Plan::default(), Vec::new())?;
+        self.apply(cand, Plan::default(), None)?;
         Ok((id, node))
     }
 
@@ -270,7 +270,7 @@ impl Graph {
         if cand.users.remove(&id).is_none() {
             return Err(Error::new(ErrorKind::NotFound, format!("no user {id}")));
         }
-        self.apply(cand, Plan::default(), Vec::new())
+        self.apply(cand, Plan::default(), None)
     }
 
     /// Flushes every node, parents before children, on reactor 0. Returns the nodes whose
@@ -313,22 +313,23 @@ impl Graph {
             remove: all,
             ..Plan::default()
         };
-        if let Err(e) = self.apply(cand, plan, Vec::new()) {
+        if let Err(e) = self.apply(cand, plan, None) {
             eprintln!("strata: closing the graph failed: {e}");
         }
         self.engine.shutdown();
     }
 
     /// Runs a change: permissions, drivers' locks, then the drain protocol. On any error
-    /// the committed graph is untouched and `undo` runs.
+    /// the committed graph is untouched and `undo` (restoring driver state the change
+    /// already touched) runs.
     fn apply(
         &mut self,
         mut cand: State,
         plan: Plan,
-        undo: Vec<Box<dyn FnOnce()>>,
+        undo: Option<Box<dyn FnOnce()>>,
     ) -> Result<(), Error> {
-        let fail = |e: Error, undo: Vec<Box<dyn FnOnce()>>| {
-            for u in undo {
+        let fail = |e: Error, undo: Option<Box<dyn FnOnce()>>| {
+            if let Some(u) = undo {
                 u();
             }
             Err(e)
@@ -408,7 +409,7 @@ impl Graph {
         let mut error = None;
         for rx in replies {
             match rx.wait() {
-                Ok(Ok(_)) => {}
+                Ok(Ok(())) => {}
                 Ok(Err(errno)) => {
                     error = Some(Error::io("opening a node's queue on a reactor", errno))
                 }
