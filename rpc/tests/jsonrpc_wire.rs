@@ -1,15 +1,13 @@
 //! The JSON-RPC 2.0 front end over the real Unix socket of a real stratad: framing, the
 //! standard error codes, batches, notifications, hostile clients, events.
 
-mod common;
-
-use common::{Client, Daemon, node_names};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+use strata_tests::{Daemon, JsonRpc, node_names};
 
-fn serving(rpc: &mut Client) {
+fn serving(rpc: &mut JsonRpc) {
     let v = rpc.ok("query-version", Value::Null);
     assert_eq!(v["qemu"]["major"], 10, "{v}");
 }
@@ -93,7 +91,10 @@ fn params_must_be_an_object_absent_or_an_empty_array() {
     let raw = json!({"jsonrpc": "2.0", "method": "query-version", "params": [], "id": 10});
     rpc.send(format!("{raw}\n").as_bytes());
     assert_eq!(rpc.recv()["result"]["qemu"]["major"], 10);
-    assert_eq!(error_code(&rpc.call("no-such-method", Value::Null)), -32601);
+    assert_eq!(
+        error_code(&rpc.call_raw("no-such-method", Value::Null)),
+        -32601
+    );
 }
 
 #[test]
@@ -216,7 +217,7 @@ fn events_go_only_to_subscribed_clients_as_notifications() {
     assert!(ev["params"]["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
     // The client that did not subscribe got only its reply: its next message is the
     // reply to its next request.
-    let v = other.call("query-version", Value::Null);
+    let v = other.call_raw("query-version", Value::Null);
     assert!(v.get("result").is_some(), "{v}");
 }
 
@@ -228,7 +229,7 @@ fn many_clients_at_once_each_get_their_own_replies() {
         .map(|t| {
             let path = path.clone();
             std::thread::spawn(move || {
-                let mut c = Client::unix(&path);
+                let mut c = JsonRpc::connect(&path);
                 for i in 0..20 {
                     let name = format!("c{t}-{i}");
                     c.ok(

@@ -1,12 +1,10 @@
 //! The strata-rpc client against a real stratad: params from key=value pairs or JSON,
 //! pretty results, error and connection exit codes, `--wait`.
 
-mod common;
-
-use common::{ChildGuard, Daemon, STRATA_RPC, node_names, strata_rpc};
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use strata_tests::{ChildGuard, Daemon, TempDir, node_names, strata_rpc, workspace_bin};
 
 #[test]
 fn a_call_prints_the_result_as_pretty_json_and_exits_0() {
@@ -75,7 +73,7 @@ fn a_failing_command_prints_error_and_code_and_exits_1() {
 
 #[test]
 fn no_daemon_exits_2_with_a_hint_and_bad_usage_exits_2() {
-    let dir = common::TempDir::new("nodaemon");
+    let dir = TempDir::new("nodaemon");
     let (code, _, err) = strata_rpc(&[
         "-s",
         dir.path("missing.sock").to_str().unwrap(),
@@ -113,7 +111,7 @@ fn wait_prints_the_event_when_it_comes_and_times_out_with_1() {
     let d = Daemon::start(&[]);
     let s = d.rpc.to_str().unwrap();
     let mut waiter = ChildGuard(Some(
-        Command::new(STRATA_RPC)
+        Command::new(workspace_bin("strata-rpc"))
             .args(["-s", s, "--wait", "BLOCK_NODE_ADDED", "--timeout", "30"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,12 +1,10 @@
 //! stratad as a process: its sockets, signals, `--config`, `--blockdev`, start errors
 //! and exit codes.
 
-mod common;
-
-use common::{Client, Daemon, TempDir, node_names, stratad_exit};
 use serde_json::{Value, json};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
+use strata_tests::{Daemon, JsonRpc, TempDir, node_names, stratad_exit};
 
 #[test]
 fn socket_files_are_private_to_the_user() {
@@ -70,7 +68,7 @@ fn sigterm_and_sigint_flush_exit_0_and_remove_sockets_and_pidfile() {
 #[test]
 fn an_idle_daemon_sleeps() {
     let d = Daemon::start(&["--rpc-tcp", "0"]);
-    let _clients: Vec<Client> = (0..4).map(|_| d.rpc()).collect();
+    let _clients: Vec<JsonRpc> = (0..4).map(|_| d.rpc()).collect();
     std::thread::sleep(Duration::from_millis(200));
     let before = d.cpu_ticks();
     std::thread::sleep(Duration::from_secs(2));

@@ -23,8 +23,8 @@ fn still_serving(rpc: &mut JsonRpc) {
 
 /// Sends `raw` and returns the single reply's error code.
 fn raw_error(rpc: &mut JsonRpc, raw: &str) -> (i64, Value) {
-    rpc.send_raw(raw.as_bytes());
-    rpc.send_raw(b"\n");
+    rpc.send(raw.as_bytes());
+    rpc.send(b"\n");
     let v = rpc.recv();
     let code = v["error"]["code"]
         .as_i64()
@@ -250,7 +250,7 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
     let daemon = Daemon::start(&[]);
     let mut rpc = daemon.rpc();
     // A batch: one reply per request with an id, errors in place.
-    rpc.send_raw(
+    rpc.send(
         br#"[{"jsonrpc":"2.0","method":"query-version","id":"a"},{"jsonrpc":"2.0","method":"nope","id":"b"},{"jsonrpc":"2.0","method":"query-version"}]"#,
     );
     let v = rpc.recv();
@@ -264,7 +264,7 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
     let big_batch: Vec<Value> = (0..129)
         .map(|i| json!({"jsonrpc": "2.0", "method": "query-schema", "id": i}))
         .collect();
-    rpc.send_raw(serde_json::to_string(&big_batch).unwrap().as_bytes());
+    rpc.send(serde_json::to_string(&big_batch).unwrap().as_bytes());
     let v = rpc.recv();
     assert_eq!(v["error"]["code"], INVALID_REQUEST, "{v}");
     assert!(
@@ -275,7 +275,7 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
         "{v}"
     );
     // A notification alone gets no reply: the next reply is for the next request.
-    rpc.send_raw(br#"{"jsonrpc":"2.0","method":"query-version"}"#);
+    rpc.send(br#"{"jsonrpc":"2.0","method":"query-version"}"#);
     still_serving(&mut rpc);
 
     // A message larger than the limit: an error (or a dropped connection), and the
@@ -323,9 +323,9 @@ fn batches_notifications_and_oversized_or_truncated_messages() {
 
 /// QMP: reply `error.class` and a part of `error.desc`.
 fn qmp_error(q: &mut Qmp, raw: &str) -> (String, String, Value) {
-    q.send_raw(raw.as_bytes());
-    q.send_raw(b"\n");
-    let v = q.recv_reply();
+    q.send(raw.as_bytes());
+    q.send(b"\n");
+    let v = q.reply();
     let class = v["error"]["class"]
         .as_str()
         .unwrap_or_else(|| panic!("{raw}: no error in {v}"))
@@ -407,13 +407,13 @@ fn malformed_qmp_input_gets_qemus_error_classes() {
         qmp_serving(&mut q);
     }
     // The id comes back verbatim, whatever its type, with errors too.
-    q.send_raw(br#"{"execute": "nope", "id": {"tag": [1, "two"]}}"#);
-    q.send_raw(b"\n");
-    let v = q.recv_reply();
+    q.send(br#"{"execute": "nope", "id": {"tag": [1, "two"]}}"#);
+    q.send(b"\n");
+    let v = q.reply();
     assert_eq!(v["id"], json!({"tag": [1, "two"]}), "{v}");
     // Garbage that is not JSON at all, on its own connection.
     let mut g = Qmp::negotiated(&daemon.qmp);
-    g.send_raw(b"\x00\xff garbage\n");
+    g.send(b"\x00\xff garbage\n");
     drop(g);
     qmp_serving(&mut Qmp::negotiated(&daemon.qmp));
     qmp_serving(&mut q);

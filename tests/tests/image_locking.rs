@@ -4,9 +4,9 @@
 use serde_json::json;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use strata_tests::{Daemon, TempDir, require_tool, run};
+use strata_tests::{ChildGuard, Daemon, TempDir, require_tool, run};
 
 /// A qcow2 image made by qemu-img. Strata opens it as a plain `file` node; QEMU opens
 /// it as qcow2, whose metadata child needs the file unshared for writing, so the two
@@ -105,23 +105,14 @@ fn qemu_img_cannot_open_an_image_stratad_writes() {
     drop(daemon);
 }
 
-/// qemu-io holding an image open for writing (until killed).
-struct QemuIo(Child);
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
 #[test]
 fn stratad_cannot_write_an_image_qemu_io_holds() {
     require_tool("qemu-io", "qemu-utils");
     require_tool("qemu-img", "qemu-utils");
     let dir = TempDir::new("lock-qemu-io");
     let img = image(&dir);
-    let holder = QemuIo(
+    // qemu-io holding the image open for writing (until killed).
+    let holder = ChildGuard(Some(
         Command::new("qemu-io")
             .args(["-f", "qcow2", "-c", "sleep 600000"])
             .arg(&img)
@@ -130,7 +121,7 @@ fn stratad_cannot_write_an_image_qemu_io_holds() {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-io"),
-    );
+    ));
     let deadline = Instant::now() + Duration::from_secs(20);
     while locks_on(&img).is_empty() {
         assert!(Instant::now() < deadline, "qemu-io never locked the image");
