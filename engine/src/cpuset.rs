@@ -31,6 +31,18 @@ impl CpuSet {
         CpuSet { cpus }
     }
 
+    /// The first `n` CPUs this process may use (tests start engines of a given size);
+    /// an error says how many there are.
+    pub fn first_allowed(n: usize) -> Result<CpuSet, String> {
+        let allowed = CpuSet::allowed();
+        if allowed.len() < n {
+            return Err(format!(
+                "{n} reactors need {n} CPUs, but this process may only use CPUs {allowed}"
+            ));
+        }
+        Ok(CpuSet::from_cpus(allowed.cpus()[..n].iter().copied()))
+    }
+
     /// A set of the given CPUs (order kept, duplicates removed).
     pub fn from_cpus(cpus: impl IntoIterator<Item = usize>) -> CpuSet {
         let mut seen = std::collections::HashSet::new();

@@ -63,21 +63,24 @@ fn locked_bytes(path: &Path) -> Vec<u64> {
     bytes
 }
 
+/// stratad with a `file` node `f` on `img` and a `raw` node `disk` over it.
+fn daemon_with_disk(img: &Path) -> Daemon {
+    let file = format!("driver=file,node-name=f,filename={}", img.display());
+    Daemon::start(&[
+        "--blockdev",
+        &file,
+        "--blockdev",
+        "driver=raw,node-name=disk,file=f",
+    ])
+}
+
 #[test]
 fn qemu_img_cannot_open_an_image_stratad_writes() {
     require_tool("qemu-img", "qemu-utils");
     let dir = TempDir::new("lock-held");
     let img = image(&dir);
-    let daemon = Daemon::start(&[]);
+    let daemon = daemon_with_disk(&img);
     let mut rpc = daemon.rpc();
-    rpc.ok(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "f", "filename": img}),
-    );
-    rpc.ok(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "disk", "file": "f"}),
-    );
     // As in QEMU, nodes without users take no permissions, so no locks yet.
     assert_eq!(qemu_img_info(&img), (true, String::new()));
     assert!(locks_on(&img).is_empty(), "{:?}", locks_on(&img));
@@ -127,16 +130,8 @@ fn stratad_cannot_write_an_image_qemu_io_holds() {
         assert!(Instant::now() < deadline, "qemu-io never locked the image");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let daemon = Daemon::start(&[]);
+    let daemon = daemon_with_disk(&img);
     let mut rpc = daemon.rpc();
-    rpc.ok(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "f", "filename": img}),
-    );
-    rpc.ok(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "disk", "file": "f"}),
-    );
     let err = rpc
         .call(
             "x-debug-block-user-add",

@@ -167,13 +167,8 @@ pub(crate) struct Suite<'a> {
 
 impl<'a> Suite<'a> {
     fn start(name: &'a str, make: &'a dyn Fn() -> Arc<dyn Driver>, stores_data: bool) -> Suite<'a> {
-        let allowed = CpuSet::allowed();
-        assert!(
-            allowed.len() >= REACTORS,
-            "{name}: the conformance suite needs {REACTORS} CPUs to run {REACTORS} reactors, \
-             but this process may only use CPUs {allowed}"
-        );
-        let cores = CpuSet::from_cpus(allowed.cpus()[..REACTORS].iter().copied());
+        let cores = CpuSet::first_allowed(REACTORS)
+            .unwrap_or_else(|e| panic!("{name}: the conformance suite: {e}"));
         let engine = Engine::start(EngineConfig {
             cores,
             pin: false,
