@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod file;
 pub mod keyval;
 pub mod memory;
+pub mod nbd;
 pub mod null_co;
 pub mod options;
 pub mod raw;

@@ -9,6 +9,7 @@
 use super::drain;
 use super::local::{LocalNode, NodeId};
 use super::state::UserId;
+use crate::driver::IoFuture;
 use crate::errno::Errno;
 use crate::request::{Completion, Op, Request};
 use crossbeam_queue::ArrayQueue;
@@ -67,21 +68,46 @@ impl Blk {
 
     /// Runs `req`; a failure is also reported for `BLOCK_IO_ERROR`.
     pub async fn io(&self, req: Request) -> Completion {
-        let op = req.op;
         // Awaiting even an immediate completion spends the task's cooperative budget,
         // so a loop over a RAM node still lets the reactor read its inbox.
-        let c = self.node.submit(req).await;
-        if let Err(errno) = c.result {
-            let report = IoErrorReport {
-                user: self.user,
-                node: self.node.id(),
-                op,
-                errno,
-            };
-            if reports().push(report).is_err() {
-                DROPPED.fetch_add(1, Ordering::Relaxed);
+        self.submit(req).await
+    }
+
+    /// Starts `req` and returns its future, reporting a failure like [`Blk::io`]. An
+    /// immediate completion comes back as [`IoFuture::Ready`], which a caller that runs
+    /// many requests (an export's connection) can take without a task per request.
+    pub fn submit(&self, req: Request) -> IoFuture {
+        let op = req.op;
+        match self.node.submit(req) {
+            IoFuture::Ready(Some(c)) => {
+                if let Err(errno) = c.result {
+                    report(self.user, self.node.id(), op, errno);
+                }
+                IoFuture::Ready(Some(c))
+            }
+            IoFuture::Ready(None) => IoFuture::Ready(None),
+            IoFuture::Pending(inner) => {
+                let (user, node) = (self.user, self.node.id());
+                IoFuture::pending(async move {
+                    let c = inner.await;
+                    if let Err(errno) = c.result {
+                        report(user, node, op, errno);
+                    }
+                    c
+                })
             }
         }
-        c
+    }
+}
+
+fn report(user: UserId, node: NodeId, op: Op, errno: Errno) {
+    let report = IoErrorReport {
+        user,
+        node,
+        op,
+        errno,
+    };
+    if reports().push(report).is_err() {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -852,3 +852,143 @@ pub fn write_fixed(target: Target, buf: FixedBuf, offset: u64, rw_flags: i32) ->
     // SAFETY: as in read_fixed.
     unsafe { RingOp::start(entry, buf) }
 }
+
+// ---- sockets ---------------------------------------------------------------------------
+
+/// Accepts a connection on the listening socket `fd` (`IORING_OP_ACCEPT`); the result is
+/// the new descriptor (close-on-exec) or `-errno`.
+pub fn accept(fd: RawFd) -> RingOp<()> {
+    let entry = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+        .flags(libc::SOCK_CLOEXEC)
+        .build();
+    // SAFETY: no peer address is asked for: the entry carries no pointers.
+    unsafe { RingOp::start(entry, ()) }
+}
+
+/// Receives into `buf[from..]` (one `IORING_OP_RECV`; may be short; 0 means the peer
+/// closed its side).
+pub fn recv(target: Target, mut buf: Buffer, from: usize) -> RingOp<Buffer> {
+    let from = from.min(buf.len());
+    let len = u32::try_from(buf.len() - from).unwrap_or(u32::MAX);
+    let ptr = buf.as_mut_ptr().wrapping_add(from);
+    let entry = with_target!(target, |t| opcode::Recv::new(t, ptr, len).build());
+    // SAFETY: as in read_at_from: the entry covers buf[from..from + len], owned by the op.
+    unsafe { RingOp::start(entry, buf) }
+}
+
+/// Most segments one [`send_gather`] sends (Linux's `IOV_MAX`).
+pub const GATHER_MAX_SEGMENTS: usize = 1024;
+
+/// Byte ranges of owned buffers to send as one stream, in order: the memory of one
+/// [`send_gather`]. Buffers are moved in, so the op owns every byte the kernel reads;
+/// [`Gather::clear`] empties it for reuse without freeing its lists.
+pub struct Gather {
+    bufs: Vec<Buffer>,
+    iov: Vec<libc::iovec>,
+    /// First segment not yet sent, and how much of it was.
+    head: usize,
+    msg: Box<libc::msghdr>,
+}
+
+impl Default for Gather {
+    fn default() -> Gather {
+        Gather::new()
+    }
+}
+
+impl Gather {
+    pub fn new() -> Gather {
+        Gather {
+            bufs: Vec::new(),
+            iov: Vec::new(),
+            head: 0,
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            msg: Box::new(unsafe { std::mem::zeroed() }),
+        }
+    }
+
+    /// Moves `buf` in; returns its index for [`Gather::segment`].
+    pub fn add(&mut self, buf: Buffer) -> usize {
+        self.bufs.push(buf);
+        self.bufs.len() - 1
+    }
+
+    /// Appends `bufs[index][range]` to the stream. Panics on a range outside the buffer
+    /// (a caller bug).
+    pub fn segment(&mut self, index: usize, range: std::ops::Range<usize>) {
+        let buf = &self.bufs[index];
+        assert!(
+            range.start <= range.end && range.end <= buf.len(),
+            "BUG: gather segment {range:?} outside a buffer of {}",
+            buf.len()
+        );
+        if range.is_empty() {
+            return;
+        }
+        self.iov.push(libc::iovec {
+            // The heap memory of a Buffer does not move when the Buffer value does.
+            iov_base: buf.as_ptr().wrapping_add(range.start) as *mut libc::c_void,
+            iov_len: range.len(),
+        });
+    }
+
+    /// Bytes not yet sent.
+    pub fn remaining(&self) -> usize {
+        self.iov[self.head..].iter().map(|v| v.iov_len).sum()
+    }
+
+    /// Segments not yet sent.
+    pub fn segments(&self) -> usize {
+        self.iov.len() - self.head
+    }
+
+    /// Records that the first `n` remaining bytes were sent.
+    pub fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.head < self.iov.len() {
+            let v = &mut self.iov[self.head];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                self.head += 1;
+            } else {
+                v.iov_base = (v.iov_base as *mut u8).wrapping_add(n).cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Drops every buffer and segment, keeping the lists' capacity.
+    pub fn clear(&mut self) {
+        self.bufs.clear();
+        self.iov.clear();
+        self.head = 0;
+    }
+}
+
+impl std::fmt::Debug for Gather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gather")
+            .field("buffers", &self.bufs.len())
+            .field("segments", &self.segments())
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
+
+/// Sends what `g` has not sent yet (at most [`GATHER_MAX_SEGMENTS`] segments) with one
+/// `IORING_OP_SENDMSG` (`MSG_NOSIGNAL`: a closed peer is `EPIPE`, not a signal). May be
+/// short: [`Gather::advance`] by the result and send again.
+pub fn send_gather(target: Target, mut g: Gather) -> RingOp<Gather> {
+    let count = g.segments().min(GATHER_MAX_SEGMENTS);
+    let iov = g.iov[g.head..].as_mut_ptr();
+    g.msg.msg_iov = iov;
+    g.msg.msg_iovlen = count;
+    let msg: *const libc::msghdr = &*g.msg;
+    let entry = with_target!(target, |t| opcode::SendMsg::new(t, msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build());
+    // SAFETY: the entry points at the boxed msghdr, which points at `g.iov`'s heap array,
+    // whose entries point into `g.bufs`' heap memory; the op owns `g`, and none of those
+    // allocations moves or changes while it does.
+    unsafe { RingOp::start(entry, g) }
+}

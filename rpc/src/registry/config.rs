@@ -57,6 +57,18 @@ pub fn save_config(ctx: &mut Ctx, _: Empty) -> Result<Vec<MethodCall>, CommandEr
             }),
         });
     }
+    if let Some(nbd) = &ctx.nbd {
+        calls.push(MethodCall {
+            method: "nbd-server-start".to_string(),
+            params: serde_json::to_value(&nbd.params).expect("BUG: params serialize"),
+        });
+        for e in ctx.exports.values() {
+            calls.push(MethodCall {
+                method: "block-export-add".to_string(),
+                params: serde_json::to_value(&e.params).expect("BUG: params serialize"),
+            });
+        }
+    }
     Ok(calls)
 }
 

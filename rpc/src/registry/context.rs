@@ -20,6 +20,27 @@ pub struct DebugUser {
     pub shared: Perm,
 }
 
+/// The running NBD server (`nbd-server-start`).
+#[derive(Debug)]
+pub struct NbdRecord {
+    pub server: strata_drivers::nbd::NbdServer,
+    /// Where it listens (a TCP port 0 resolved).
+    pub endpoint: crate::server::listener::Endpoint,
+    /// What started it, for `save-config`.
+    pub params: super::exports::NbdServerStart,
+    /// Removes the unix socket file once the server is gone.
+    pub _file: crate::server::listener::SocketGuard,
+}
+
+/// An export (`block-export-add`).
+#[derive(Debug)]
+pub struct ExportRecord {
+    /// The graph user holding its permissions.
+    pub user: UserId,
+    /// What added it, for `save-config`.
+    pub params: super::exports::BlockExportAdd,
+}
+
 /// The state every handler gets.
 #[derive(Debug)]
 pub struct Ctx {
@@ -27,6 +48,10 @@ pub struct Ctx {
     pub events: EventBus,
     /// `x-debug-block-user-add` users by their id.
     pub users: BTreeMap<String, DebugUser>,
+    /// The NBD server, if started. Declared before `graph`: dropped first.
+    pub nbd: Option<NbdRecord>,
+    /// Exports by id.
+    pub exports: BTreeMap<String, ExportRecord>,
     pub quit: bool,
     /// The command table, for introspection.
     pub table: Arc<Table>,

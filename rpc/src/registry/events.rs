@@ -45,6 +45,17 @@ impl IoErrorEvent {
     pub const NAME: &'static str = "BLOCK_IO_ERROR";
 }
 
+/// Data of `BLOCK_EXPORT_DELETED` (QEMU's): an export is gone and its node released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExportDeletedEvent {
+    pub id: String,
+}
+
+impl ExportDeletedEvent {
+    pub const NAME: &'static str = "BLOCK_EXPORT_DELETED";
+}
+
 /// One event kind.
 #[derive(Debug)]
 pub struct EventSpec {
@@ -74,6 +85,12 @@ pub fn all() -> Vec<EventSpec> {
             doc: "A request of a node's user failed (QEMU's event; action is always \
                   report). Emitted by the admin thread shortly after the failure.",
             data_schema: result_schema::<IoErrorEvent>,
+        },
+        EventSpec {
+            name: ExportDeletedEvent::NAME,
+            doc: "An export was removed (block-export-del, or nbd-server-stop for all of \
+                  them); its clients are disconnected and its node released.",
+            data_schema: result_schema::<ExportDeletedEvent>,
         },
     ]
 }

@@ -24,6 +24,12 @@
 //! | `save-config`               | none                                     | `[{method, params}]` |
 //! | `x-debug-block-user-add`    | `id`, `node-name`, `perm`, `shared-perm?`| `{}` |
 //! | `x-debug-block-user-del`    | `id`                                     | `{}` |
+//! | `nbd-server-start`          | `addr`, `max-connections?`, `handshake-max-seconds?` | `{}` |
+//! | `nbd-server-stop`           | none                                     | `{}` |
+//! | `block-export-add`          | `type: nbd`, `id`, `node-name`, `name?`, `description?`, `writable?` | `{}` |
+//! | `block-export-del`          | `id`, `mode?` (`safe`/`hard`)            | `{}` |
+//! | `query-block-exports`       | none                                     | `[BlockExportInfo]` |
+//! | `query-nbd-server`          | none                                     | `{running, addr?, connections}` |
 //! | `query-schema`              | none                                     | `{commands, events}` |
 //! | `rpc_get_methods`           | `current?`, `include_aliases?`           | `[name]` |
 //! | `query-commands`            | none                                     | `[{name}]` |
@@ -33,8 +39,8 @@
 //! - [`command`]: the registration mechanism and param decoding.
 //! - [`context`]: what handlers work on; graph changes and their events.
 //! - [`events`]: the events the registry emits.
-//! - [`nodes`], [`info`], [`block_graph`], [`config`], [`users`], [`introspect`]: the
-//!   commands.
+//! - [`nodes`], [`info`], [`block_graph`], [`config`], [`users`], [`exports`],
+//!   [`introspect`]: the commands.
 //! - [`options`]: a node's current options (for `save-config` and filenames).
 
 pub mod block_graph;
@@ -42,6 +48,7 @@ pub mod command;
 pub mod config;
 pub mod context;
 pub mod events;
+pub mod exports;
 pub mod info;
 pub mod introspect;
 pub mod nodes;
@@ -114,6 +121,40 @@ pub fn table() -> Table {
         users::user_del,
     );
     t.register(
+        "nbd-server-start",
+        "Starts the NBD server on `addr` (unix socket, or TCP on 127.0.0.1 unless `host` \
+         says otherwise), served by the reactors (QEMU's command).",
+        exports::nbd_server_start,
+    );
+    t.register(
+        "nbd-server-stop",
+        "Stops the NBD server: disconnects every client and removes every export.",
+        exports::nbd_server_stop,
+    );
+    t.register(
+        "block-export-add",
+        "Exports node `node-name` over NBD as `name` (default the node name); read-only \
+         unless `writable`. The export holds consistent-read (and write) on the node.",
+        exports::block_export_add,
+    );
+    t.register(
+        "block-export-del",
+        "Removes an export: `safe` (default) refuses while clients are connected, `hard` \
+         disconnects them once their requests in flight finish. Emits BLOCK_EXPORT_DELETED.",
+        exports::block_export_del,
+    );
+    t.register(
+        "query-block-exports",
+        "Every export: type, id, node-name, shutting-down (QEMU's BlockExportInfo).",
+        exports::query_block_exports,
+    );
+    t.register(
+        "query-nbd-server",
+        "Strata extension: whether the NBD server runs, where it listens (with the port \
+         chosen for a TCP port 0) and how many clients are connected.",
+        exports::query_nbd_server,
+    );
+    t.register(
         "query-schema",
         "JSON Schema of every command's params and result and of every event's data.",
         introspect::query_schema,
@@ -157,6 +198,8 @@ impl Registry {
                 graph,
                 events,
                 users: BTreeMap::new(),
+                nbd: None,
+                exports: BTreeMap::new(),
                 quit: false,
                 table: table.clone(),
             },
@@ -210,6 +253,13 @@ impl Registry {
                 .iter()
                 .find(|(_, u)| u.user == r.user)
                 .map(|(id, _)| id.clone())
+                .or_else(|| {
+                    self.ctx
+                        .exports
+                        .iter()
+                        .find(|(_, e)| e.user == r.user)
+                        .map(|(id, _)| id.clone())
+                })
                 .unwrap_or_default();
             let node_name = self
                 .ctx
@@ -241,8 +291,12 @@ impl Registry {
         self.ctx.quit
     }
 
-    /// Flushes and closes every node and stops the reactors.
-    pub fn shutdown(self) {
+    /// Stops the NBD server (clients are disconnected once their requests finish), then
+    /// flushes and closes every node and stops the reactors.
+    pub fn shutdown(mut self) {
+        if let Some(nbd) = self.ctx.nbd.take() {
+            nbd.server.stop();
+        }
         self.ctx.graph.shutdown();
     }
 }

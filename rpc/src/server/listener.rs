@@ -48,6 +48,10 @@ pub fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{s}' resolves to no address"))
 }
 
+/// Keeps a Unix listener's socket file; removes it on drop (if it is still ours).
+#[derive(Debug)]
+pub struct SocketGuard(#[allow(dead_code)] Option<SocketFile>);
+
 /// The socket file a Unix listener created; removed on drop if it is still ours.
 #[derive(Debug)]
 struct SocketFile {
@@ -112,6 +116,16 @@ impl Listener {
     /// Where it listens (a TCP port 0 replaced by the port the kernel chose).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// The listening socket, for a server that accepts by itself (the NBD server on the
+    /// reactors), and the guard that removes the socket file once dropped.
+    pub fn into_parts(self) -> (std::os::fd::OwnedFd, SocketGuard) {
+        let fd = match self.socket {
+            Socket::Unix(l) => std::os::fd::OwnedFd::from(l),
+            Socket::Tcp(l) => std::os::fd::OwnedFd::from(l),
+        };
+        (fd, SocketGuard(self._file))
     }
 
     /// Waits for the next client. Errors other than an interrupted call are returned

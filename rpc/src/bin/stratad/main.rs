@@ -67,6 +67,16 @@ struct Args {
     /// --config.
     #[arg(long, value_name = "OPTIONS")]
     blockdev: Vec<String>,
+    /// Start the NBD server (qemu-storage-daemon's syntax):
+    /// addr.type=unix,addr.path=PATH or addr.type=inet,addr.host=HOST,addr.port=PORT
+    /// (port 0: any free port), plus max-connections=N, handshake-max-seconds=S.
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    nbd_server: Option<String>,
+    /// Export a node over NBD (qemu-storage-daemon's syntax, after --nbd-server):
+    /// [type=]nbd,id=ID,node-name=NODE[,name=NAME][,description=TEXT][,writable=on], or
+    /// JSON. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    export: Vec<String>,
     /// Replay FILE at start: a JSON array of {"method", "params"} calls, the format
     /// save-config returns. A failing call aborts the start.
     #[arg(long, value_name = "FILE")]
@@ -121,6 +131,8 @@ fn main() -> ExitCode {
 struct Plan {
     listens: Vec<Listen>,
     blockdevs: Vec<(String, Value)>,
+    /// `--nbd-server`, then each `--export`: (flag as given, method, params).
+    exports: Vec<(String, &'static str, Value)>,
     engine: EngineConfig,
 }
 
@@ -157,6 +169,25 @@ fn plan(args: &Args) -> Result<Plan, String> {
         .iter()
         .map(|spec| blockdev_options(spec).map(|v| (spec.clone(), v)))
         .collect::<Result<_, _>>()?;
+    let mut exports = Vec::new();
+    if let Some(spec) = &args.nbd_server {
+        let params = flag_options("--nbd-server", spec)?;
+        exports.push((format!("--nbd-server '{spec}'"), "nbd-server-start", params));
+    }
+    for spec in &args.export {
+        if args.nbd_server.is_none() {
+            return Err("--export needs --nbd-server".to_string());
+        }
+        // qemu-storage-daemon's implied first key: "nbd,id=..." is "type=nbd,id=...".
+        let first = spec.split(',').next().unwrap_or_default();
+        let spec_full = if spec.starts_with('{') || first.contains('=') {
+            spec.clone()
+        } else {
+            format!("type={spec}")
+        };
+        let params = flag_options("--export", &spec_full)?;
+        exports.push((format!("--export '{spec}'"), "block-export-add", params));
+    }
     let cores = match &args.cores {
         Some(c) => CpuSet::parse(c).map_err(|e| format!("--cores: {e}"))?,
         None => CpuSet::allowed(),
@@ -172,8 +203,22 @@ fn plan(args: &Args) -> Result<Plan, String> {
     Ok(Plan {
         listens,
         blockdevs,
+        exports,
         engine,
     })
+}
+
+/// Options of `--nbd-server` and `--export`: JSON if it starts with `{`, else keyval.
+fn flag_options(flag: &str, spec: &str) -> Result<Value, String> {
+    if spec.trim_start().starts_with('{') {
+        match serde_json::from_str::<Value>(spec) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            Ok(_) => Err(format!("{flag} '{spec}': expected a JSON object")),
+            Err(e) => Err(format!("{flag} '{spec}' is not valid JSON: {e}")),
+        }
+    } else {
+        strata_drivers::keyval::parse(spec).map_err(|e| format!("{flag} '{spec}': {e}"))
+    }
 }
 
 /// `--blockdev` options: JSON if it starts with `{`, else dotted keyval.
@@ -235,6 +280,12 @@ fn run(args: Args) -> Result<(), Failure> {
                     .call("blockdev-add", options.clone())
                     .map_err(|e| format!("--blockdev '{spec}': {e}"))?;
             }
+            for (flag, method, params) in &plan.exports {
+                admin
+                    .handle()
+                    .call(method, params.clone())
+                    .map_err(|e| format!("{flag}: {e}"))?;
+            }
             Ok(())
         })
         .and_then(|()| write_pidfile(args.pidfile.as_deref()));
@@ -261,7 +312,12 @@ fn run(args: Args) -> Result<(), Failure> {
     };
     // The registry holds the only other bus: the event thread ends with it.
     drop(events);
-    announce(&endpoints, &plan.engine);
+    let nbd = admin
+        .handle()
+        .call("query-nbd-server", Value::Null)
+        .ok()
+        .and_then(|v| v["addr"].as_str().map(str::to_string));
+    announce(&endpoints, nbd.as_deref(), &plan.engine);
 
     admin.wait();
     running.stop();
@@ -270,14 +326,17 @@ fn run(args: Args) -> Result<(), Failure> {
 }
 
 /// The one line saying where the daemon listens.
-fn announce(endpoints: &[(Endpoint, Wire)], engine: &EngineConfig) {
-    let list: Vec<String> = endpoints
+fn announce(endpoints: &[(Endpoint, Wire)], nbd: Option<&str>, engine: &EngineConfig) {
+    let mut list: Vec<String> = endpoints
         .iter()
         .map(|(e, w)| match w {
             Wire::JsonRpc => format!("JSON-RPC {e}"),
             Wire::Qmp { .. } => format!("QMP {e}"),
         })
         .collect();
+    if let Some(addr) = nbd {
+        list.push(format!("NBD nbd={addr}"));
+    }
     let n = engine.cores.len();
     let line = format!(
         "stratad {} listening: {} ({} reactor{} on CPU{} {}, {} polling, pid {})",

@@ -1,0 +1,370 @@
+//! The NBD server: a listening socket, its exports and its connections.
+//!
+//! ```text
+//!   admin thread                      reactor 0                 reactor k
+//!   ------------                      ---------                 ---------
+//!   NbdServer::start(listener) --->   accept loop (ring accept)
+//!                                       | new socket: register, then hand it to
+//!                                       | reactor (i mod N) by message  --------->  serve(): handshake,
+//!   add_export / remove_export                                                      then transmission
+//!   stop: shut the listener down,                                                   (recv / send through
+//!         shut every connection down,                                               that reactor's ring)
+//!         wait until they are gone
+//! ```
+//!
+//! Exports and connections live in one [`Shared`] table behind a mutex. Only the
+//! control path touches it: the admin thread, the accept loop, and a connection when it
+//! starts (handshake) and ends. Requests never do: once a connection has its export it
+//! holds the export's [`Blk`](strata_engine::graph::Blk) on its own reactor.
+//!
+//! Stopping a connection from the admin thread is `shutdown(2)` on its socket: the
+//! connection's pending `recv` returns end-of-file, it stops reading, lets its requests
+//! in flight finish, and deregisters. The table holds each socket through an
+//! `Arc<OwnedFd>`, so the descriptor number cannot be reused while the admin thread may
+//! still shut it down.
+
+use super::connection;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use strata_engine::graph::{NodeId, UserId};
+use strata_engine::reactor::{self, Message, Reply, ring};
+use strata_engine::{Engine, Error, ErrorKind};
+
+/// One export: a node offered under a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// The `block-export-add` id.
+    pub id: String,
+    /// The name clients ask for.
+    pub name: String,
+    pub description: String,
+    pub node: NodeId,
+    /// The graph user that holds the export's permissions.
+    pub user: UserId,
+    pub writable: bool,
+}
+
+/// Server settings (`nbd-server-start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Most simultaneous connections; 0 for no limit. Connections beyond it are closed
+    /// as soon as they are accepted.
+    pub max_connections: u32,
+    /// Connections that have not finished the handshake by then are closed; zero for
+    /// no limit.
+    pub handshake_max: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_connections: 0,
+            handshake_max: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ConnEntry {
+    fd: Arc<OwnedFd>,
+    /// The export id, once the handshake chose one.
+    export: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Exports by name.
+    exports: BTreeMap<String, Arc<ExportSpec>>,
+    conns: BTreeMap<u64, ConnEntry>,
+    next_conn: u64,
+    stopping: bool,
+}
+
+/// What the accept loop, the connections and the admin thread share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) config: ServerConfig,
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves consistent maps (every update
+        // is a single insert or remove), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection; `None` if the server is stopping or full.
+    fn register(&self, fd: &Arc<OwnedFd>) -> Option<u64> {
+        let mut inner = self.lock();
+        let max = self.config.max_connections as usize;
+        if inner.stopping || (max > 0 && inner.conns.len() >= max) {
+            return None;
+        }
+        let id = inner.next_conn;
+        inner.next_conn += 1;
+        inner.conns.insert(
+            id,
+            ConnEntry {
+                fd: fd.clone(),
+                export: None,
+            },
+        );
+        Some(id)
+    }
+
+    pub(super) fn unregister(&self, id: u64) {
+        self.lock().conns.remove(&id);
+        self.changed.notify_all();
+    }
+
+    /// The export named `name`, without attaching (`NBD_OPT_INFO`, meta contexts).
+    pub(super) fn find(&self, name: &str) -> Option<Arc<ExportSpec>> {
+        self.lock().exports.get(name).cloned()
+    }
+
+    /// Attaches connection `id` to export `name` (`NBD_OPT_GO`): from now on removing
+    /// the export must deal with this connection.
+    pub(super) fn attach(&self, id: u64, name: &str) -> Option<Arc<ExportSpec>> {
+        let mut inner = self.lock();
+        if inner.stopping {
+            return None;
+        }
+        let spec = inner.exports.get(name)?.clone();
+        inner.conns.get_mut(&id)?.export = Some(spec.id.clone());
+        Some(spec)
+    }
+
+    /// Every export, for `NBD_OPT_LIST`.
+    pub(super) fn list(&self) -> Vec<Arc<ExportSpec>> {
+        self.lock().exports.values().cloned().collect()
+    }
+
+    /// Shuts down the sockets of the connections `pick` selects and waits until they
+    /// have deregistered (their requests in flight have finished).
+    fn close_and_wait(&self, pick: impl Fn(&ConnEntry) -> bool) {
+        let mut inner = self.lock();
+        let ids: Vec<u64> = inner
+            .conns
+            .iter()
+            .filter(|(_, c)| pick(c))
+            .map(|(&id, c)| {
+                // SAFETY: shutdown(2) on a descriptor the entry keeps open.
+                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                id
+            })
+            .collect();
+        let mut waited = 0u32;
+        while ids.iter().any(|id| inner.conns.contains_key(id)) {
+            let (guard, timeout) = self
+                .changed
+                .wait_timeout(inner, Duration::from_secs(1))
+                .unwrap_or_else(|p| p.into_inner());
+            inner = guard;
+            if timeout.timed_out() {
+                waited += 1;
+                if waited % 10 == 0 {
+                    eprintln!(
+                        "strata: NBD server still waits for {} connection(s) to finish \
+                         their requests ({waited} s)",
+                        ids.iter().filter(|id| inner.conns.contains_key(id)).count()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A running NBD server. Owned by the admin thread.
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    listener: Arc<OwnedFd>,
+    accepting: Option<Reply<()>>,
+}
+
+impl fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("config", &self.shared.config)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NbdServer {
+    /// Serves `listener` (a listening stream socket) on `engine`'s reactors: reactor 0
+    /// accepts, connections are spread over all reactors.
+    pub fn start(engine: &Engine, listener: OwnedFd, config: ServerConfig) -> NbdServer {
+        let shared = Arc::new(Shared {
+            config,
+            inner: Mutex::new(Inner::default()),
+            changed: Condvar::new(),
+        });
+        let listener = Arc::new(listener);
+        let reactors = engine.reactors();
+        let (s, l) = (shared.clone(), listener.clone());
+        let accepting = engine.spawn(0, move || accept_loop(s, l, reactors));
+        NbdServer {
+            shared,
+            listener,
+            accepting: Some(accepting),
+        }
+    }
+
+    /// Offers `spec` to clients. Names are unique.
+    pub fn add_export(&self, spec: ExportSpec) -> Result<(), Error> {
+        let mut inner = self.shared.lock();
+        if inner.exports.contains_key(&spec.name) {
+            return Err(Error::invalid(format!(
+                "Block export name '{}' is already in use",
+                spec.name
+            )));
+        }
+        inner.exports.insert(spec.name.clone(), Arc::new(spec));
+        Ok(())
+    }
+
+    /// Clients connected to export `id`.
+    pub fn connections_of(&self, id: &str) -> usize {
+        self.shared
+            .lock()
+            .conns
+            .values()
+            .filter(|c| c.export.as_deref() == Some(id))
+            .count()
+    }
+
+    /// Every connection, whether or not it has chosen an export yet.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().conns.len()
+    }
+
+    /// Withdraws export `id`. `hard` disconnects its clients (after their requests in
+    /// flight finish); otherwise an export with clients is refused, as QEMU's `safe`
+    /// mode.
+    pub fn remove_export(&self, id: &str, hard: bool) -> Result<ExportSpec, Error> {
+        let spec = {
+            let mut inner = self.shared.lock();
+            let Some(name) = inner
+                .exports
+                .values()
+                .find(|e| e.id == id)
+                .map(|e| e.name.clone())
+            else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("Export '{id}' is not found"),
+                ));
+            };
+            let busy = inner
+                .conns
+                .values()
+                .any(|c| c.export.as_deref() == Some(id));
+            if busy && !hard {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "export '{id}' still in use (use mode 'hard' to disconnect its clients)"
+                    ),
+                ));
+            }
+            // Removed first: no new client can attach while the old ones go.
+            inner.exports.remove(&name).expect("BUG: export vanished")
+        };
+        self.shared
+            .close_and_wait(|c| c.export.as_deref() == Some(id));
+        Ok(Arc::unwrap_or_clone(spec))
+    }
+
+    /// Stops accepting, disconnects every client (their requests in flight finish
+    /// first) and returns the exports it had.
+    pub fn stop(mut self) -> Vec<ExportSpec> {
+        self.shared.lock().stopping = true;
+        // SAFETY: shutdown(2) on the listening socket we own: the pending accept fails.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(accepting) = self.accepting.take() {
+            let _ = accepting.wait();
+        }
+        self.shared.close_and_wait(|_| true);
+        let exports = std::mem::take(&mut self.shared.lock().exports);
+        exports.into_values().map(Arc::unwrap_or_clone).collect()
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if self.accepting.is_some() {
+            self.shared.lock().stopping = true;
+            // SAFETY: as in stop().
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// How long accepting pauses after a failure such as running out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+async fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, reactors: usize) {
+    let mut next = 0usize;
+    loop {
+        let (res, ()) = ring::accept(listener.as_raw_fd()).await;
+        if shared.lock().stopping {
+            if res >= 0 {
+                // SAFETY: a descriptor accept just returned, owned by nobody else.
+                drop(unsafe { OwnedFd::from_raw_fd(res) });
+            }
+            return;
+        }
+        match ring::cqe_result(res) {
+            Ok(fd) => {
+                // SAFETY: as above.
+                let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+                set_nodelay(&fd);
+                let Some(id) = shared.register(&fd) else {
+                    // Over max-connections: the client sees the socket close.
+                    continue;
+                };
+                let target = next % reactors;
+                next = next.wrapping_add(1);
+                let s = shared.clone();
+                reactor::send(
+                    target,
+                    Message::Run(Box::new(move || {
+                        reactor::spawn(connection::serve(s, id, fd));
+                    })),
+                );
+            }
+            Err(e) => match e.0 {
+                libc::EINTR | libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO => {}
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    eprintln!("strata: NBD server cannot accept a connection: {e}");
+                    reactor::sleep(ACCEPT_BACKOFF).await;
+                }
+                _ => {
+                    eprintln!("strata: NBD server stops accepting: {e}");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// TCP_NODELAY on TCP sockets (replies are whole messages; Nagle would only delay
+/// them); harmless failure on Unix sockets.
+fn set_nodelay(fd: &OwnedFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}

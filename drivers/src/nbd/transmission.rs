@@ -1,0 +1,734 @@
+//! The transmission phase of one connection: requests in, replies out, many in flight.
+//!
+//! ```text
+//!          recv (batched)                     requests                 sendmsg (batched)
+//!   socket ------------> reader loop --Blk::submit--> node --complete--> reply queue --> writer task --> socket
+//!                          | decode, check            (immediate or     (in completion       (one gather of
+//!                          | read write payloads       a task per        order: replies       every queued
+//!                          v                           pending request)  may pass each        reply)
+//!                     backpressure: stop reading                         other)
+//!                     while too much is in flight
+//! ```
+//!
+//! - **Reader** (the connection's task): decodes request headers from a large receive
+//!   buffer, reads write payloads (copied from the buffer, the rest received straight
+//!   into the request's buffer), checks the request against the export, and starts it.
+//!   A request that completes immediately (RAM nodes) is answered without a task; one
+//!   that is pending runs as its own task, so requests complete out of order.
+//! - **Writer** (a second task): sends every queued reply with one `sendmsg` (headers of
+//!   the batch in one buffer, read data as further segments, no copy).
+//! - **Backpressure**: the reader stops reading while [`MAX_IN_FLIGHT`] requests are in
+//!   flight or [`MAX_HELD_BYTES`] of read data wait to be sent, so a client that never
+//!   reads its replies holds a bounded amount of memory and nothing else.
+//! - **Ending**: end-of-file, `NBD_CMD_DISC`, a broken frame (bad magic, a write payload
+//!   beyond [`MAX_PAYLOAD`]) or a failed send stop the reader. Requests in flight always
+//!   finish (a write that started is never cut short); their replies are sent if the
+//!   socket still works; then the connection closes.
+//! - Requests larger than the node's `max_transfer` are split into sequential pieces;
+//!   the whole request is checked first, so a request that fails its checks touches
+//!   nothing.
+
+use super::connection::{BASE_ALLOCATION_ID, Session};
+use super::proto::*;
+use super::socket::{Reader, send_all};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use strata_engine::graph::Blk;
+use strata_engine::reactor::{self, ring::Gather};
+use strata_engine::{Buffer, Completion, DriverInfo, Errno, IoFuture, Op, ReqFlags, Request};
+
+/// Most requests in flight per connection before the reader pauses.
+pub const MAX_IN_FLIGHT: usize = 512;
+/// Most bytes of read data held (in flight or waiting to be sent) per connection before
+/// the reader pauses.
+pub const MAX_HELD_BYTES: usize = 64 << 20;
+/// Largest reply header: a structured chunk header plus the longest fixed part (an
+/// error chunk's error, message length and message).
+const HEADER_MAX: usize = 64;
+
+const KNOWN_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+
+/// A reply waiting to be sent.
+struct OutReply {
+    header: [u8; HEADER_MAX],
+    header_len: u8,
+    data: Data,
+    /// Bytes of read data this reply accounts for in `held`.
+    held: usize,
+}
+
+enum Data {
+    None,
+    One(Buffer, usize),
+    Many(Vec<Buffer>),
+}
+
+struct Conn {
+    fd: RawFd,
+    blk: Blk,
+    structured: bool,
+    base_allocation: bool,
+    writable: bool,
+    queue: RefCell<VecDeque<OutReply>>,
+    writer: RefCell<Option<Waker>>,
+    reader: RefCell<Option<Waker>>,
+    in_flight: Cell<usize>,
+    held: Cell<usize>,
+    /// The reader has stopped: the writer ends once nothing is in flight or queued.
+    closing: Cell<bool>,
+    /// Sending failed: replies are dropped from now on.
+    dead: Cell<bool>,
+}
+
+/// Runs the transmission phase until the connection ends.
+pub async fn run(session: Session, reader: Reader, fd: RawFd) {
+    let conn = Rc::new(Conn {
+        fd,
+        blk: session.blk,
+        structured: session.structured,
+        base_allocation: session.base_allocation,
+        writable: session.export.writable,
+        queue: RefCell::new(VecDeque::new()),
+        writer: RefCell::new(None),
+        reader: RefCell::new(None),
+        in_flight: Cell::new(0),
+        held: Cell::new(0),
+        closing: Cell::new(false),
+        dead: Cell::new(false),
+    });
+    let writer = reactor::spawn_with_reply(write_loop(conn.clone()));
+    read_loop(&conn, reader).await;
+    conn.closing.set(true);
+    conn.wake_writer();
+    let _ = writer.await;
+    // The writer ends early only if sending failed: wait for the requests still running.
+    poll_fn(|cx| {
+        if conn.in_flight.get() == 0 {
+            Poll::Ready(())
+        } else {
+            *conn.reader.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// The protocol error (and a message for structured replies) of a request that fails
+/// its checks.
+type Refusal = (u32, &'static str);
+
+async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
+    loop {
+        // Backpressure: bounded work and memory per connection.
+        poll_fn(|cx| {
+            if conn.in_flight.get() < MAX_IN_FLIGHT && conn.held.get() < MAX_HELD_BYTES {
+                Poll::Ready(())
+            } else {
+                *conn.reader.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if conn.dead.get() || r.fill(REQUEST_LEN).await.is_err() {
+            return;
+        }
+        let bytes: &[u8; REQUEST_LEN] = r.take(REQUEST_LEN).try_into().expect("BUG: header");
+        let Some(h) = RequestHeader::decode(bytes) else {
+            return;
+        };
+        let Some(info) = conn.blk.node().info() else {
+            // The node is gone (deleted under a hard export removal): stop serving.
+            return;
+        };
+        if h.kind == CMD_DISC {
+            return;
+        }
+        let checked = check(conn, &h, &info);
+        if h.kind == CMD_WRITE {
+            if h.len > MAX_PAYLOAD {
+                return;
+            }
+            if let Err((e, msg)) = checked {
+                // The payload is read (and dropped) so the next request is found.
+                if r.skip(u64::from(h.len)).await.is_err() {
+                    return;
+                }
+                conn.refuse(&h, e, msg);
+                continue;
+            }
+            let pieces = split(h.offset, u64::from(h.len), chunk_size(&info));
+            let mut bufs = Vec::with_capacity(pieces.len());
+            for &(_, len) in &pieces {
+                match r.read_into(Buffer::new(len as usize)).await {
+                    Ok(b) => bufs.push(b),
+                    Err(_) => return,
+                }
+            }
+            conn.start_write(h, pieces, bufs);
+            continue;
+        }
+        match checked {
+            Ok(()) => conn.start(h, &info),
+            Err((e, msg)) => conn.refuse(&h, e, msg),
+        }
+    }
+}
+
+/// Checks a request against the export before anything runs.
+fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusal> {
+    if h.flags & !KNOWN_FLAGS != 0 {
+        return Err((EINVAL, "unknown command flags"));
+    }
+    let ops = info.ops;
+    let (op, is_write) = match h.kind {
+        CMD_READ => (Some(Op::Read), false),
+        CMD_WRITE => (Some(Op::Write), true),
+        CMD_FLUSH => (Some(Op::Flush), false),
+        CMD_TRIM => (Some(Op::Discard), true),
+        CMD_WRITE_ZEROES => (Some(Op::WriteZeroes), true),
+        CMD_BLOCK_STATUS => (Some(Op::BlockStatus), false),
+        CMD_CACHE => (None, false),
+        _ => return Err((EINVAL, "unknown command")),
+    };
+    if is_write && !conn.writable {
+        return Err((EPERM, "export is read-only"));
+    }
+    if let Some(op) = op
+        && !ops.supports(op)
+    {
+        return Err((EINVAL, "command not supported by this export"));
+    }
+    if h.kind == CMD_BLOCK_STATUS && !conn.base_allocation {
+        return Err((EINVAL, "no meta context negotiated"));
+    }
+    if h.flags & CMD_FLAG_FUA != 0 && is_write && !ops.fua() {
+        return Err((EINVAL, "FUA not supported by this export"));
+    }
+    if h.kind == CMD_FLUSH {
+        return Ok(());
+    }
+    if h.len == 0 {
+        return Err((EINVAL, "zero-length request"));
+    }
+    let end = h
+        .offset
+        .checked_add(u64::from(h.len))
+        .ok_or((EINVAL, "offset + length overflows"))?;
+    if end > info.size {
+        return Err(if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            (ENOSPC, "request beyond the end of the export")
+        } else {
+            (EINVAL, "request beyond the end of the export")
+        });
+    }
+    if h.kind == CMD_READ && h.len > MAX_PAYLOAD {
+        return Err((EINVAL, "read larger than the maximum block size"));
+    }
+    Ok(())
+}
+
+/// The largest piece of one request for a node: its `max_transfer`, in whole
+/// alignment units.
+fn chunk_size(info: &DriverInfo) -> u64 {
+    let align = u64::from(info.request_alignment.max(1));
+    let max = info.max_transfer.min(u64::from(MAX_PAYLOAD)).max(align);
+    max / align * align
+}
+
+/// `(offset, len)` pieces of at most `chunk` bytes covering the range.
+fn split(offset: u64, len: u64, chunk: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(len.div_ceil(chunk) as usize);
+    let mut at = 0;
+    while at < len {
+        let n = chunk.min(len - at);
+        out.push((offset + at, n));
+        at += n;
+    }
+    out
+}
+
+fn req_flags(h: &RequestHeader) -> ReqFlags {
+    let mut f = ReqFlags::NONE;
+    if h.flags & CMD_FLAG_FUA != 0 {
+        f = f | ReqFlags::FUA;
+    }
+    if h.kind == CMD_WRITE_ZEROES {
+        if h.flags & CMD_FLAG_NO_HOLE == 0 {
+            f = f | ReqFlags::MAY_UNMAP;
+        }
+        if h.flags & CMD_FLAG_FAST_ZERO != 0 {
+            f = f | ReqFlags::NO_FALLBACK;
+        }
+    }
+    f
+}
+
+impl Conn {
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn wake_reader(&self) {
+        if let Some(w) = self.reader.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn push(&self, reply: OutReply) {
+        if self.dead.get() {
+            self.release(reply.held);
+            return;
+        }
+        self.queue.borrow_mut().push_back(reply);
+        self.wake_writer();
+    }
+
+    fn release(&self, held: usize) {
+        if held > 0 {
+            self.held.set(self.held.get() - held);
+            self.wake_reader();
+        }
+    }
+
+    /// A request ended (its reply is queued or dropped).
+    fn finished(&self) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        self.wake_reader();
+        if self.closing.get() {
+            self.wake_writer();
+        }
+    }
+
+    fn refuse(&self, h: &RequestHeader, error: u32, message: &str) {
+        let mut out = Header::new();
+        if self.structured && matches!(h.kind, CMD_READ | CMD_BLOCK_STATUS) {
+            out.error_chunk(h.cookie, error, message);
+        } else {
+            out.simple(error, h.cookie);
+        }
+        self.push(out.reply(Data::None, 0));
+    }
+
+    /// Starts a checked request other than a write.
+    fn start(self: &Rc<Self>, h: RequestHeader, info: &DriverInfo) {
+        let len = u64::from(h.len);
+        let req = match h.kind {
+            CMD_READ => {
+                let chunk = chunk_size(info);
+                if len > chunk {
+                    return self.spawn_pieces(h, split(h.offset, len, chunk), Vec::new());
+                }
+                Request::read(h.offset, Buffer::new(len as usize))
+            }
+            CMD_FLUSH => Request::flush(),
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                let chunk = chunk_size(info);
+                let fua_after = h.kind == CMD_TRIM && h.flags & CMD_FLAG_FUA != 0;
+                if len > chunk || fua_after {
+                    return self.spawn_pieces(h, split(h.offset, len, chunk), Vec::new());
+                }
+                if h.kind == CMD_TRIM {
+                    Request::discard(h.offset, len)
+                } else {
+                    Request::write_zeroes(h.offset, len, req_flags(&h))
+                }
+            }
+            CMD_BLOCK_STATUS => {
+                // One request per reply: at most what the node answers at once.
+                let len = len.min(info.max_transfer).min(info.size - h.offset);
+                Request::block_status(h.offset, len)
+            }
+            CMD_CACHE => {
+                // A prefetch hint: the checks passed, nothing needs doing for the
+                // drivers Strata has (their reads do not get faster for it).
+                let mut out = Header::new();
+                out.simple(0, h.cookie);
+                return self.push(out.reply(Data::None, 0));
+            }
+            _ => unreachable!("BUG: unchecked command {}", h.kind),
+        };
+        self.submit(h, req);
+    }
+
+    fn start_write(
+        self: &Rc<Self>,
+        h: RequestHeader,
+        pieces: Vec<(u64, u64)>,
+        mut bufs: Vec<Buffer>,
+    ) {
+        if bufs.len() == 1 {
+            let buf = bufs.pop().expect("BUG: one buffer");
+            self.submit(h, Request::write(h.offset, buf, req_flags(&h)));
+        } else {
+            self.spawn_pieces(h, pieces, bufs);
+        }
+    }
+
+    /// Starts a one-piece request; an immediate completion is answered at once.
+    fn submit(self: &Rc<Self>, h: RequestHeader, req: Request) {
+        let held = if h.kind == CMD_READ {
+            h.len as usize
+        } else {
+            0
+        };
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.held.set(self.held.get() + held);
+        match self.blk.submit(req) {
+            IoFuture::Ready(Some(c)) => self.complete(h, c, held),
+            fut => {
+                let conn = self.clone();
+                reactor::spawn(async move {
+                    let c = fut.await;
+                    conn.complete(h, c, held);
+                });
+            }
+        }
+    }
+
+    /// Runs a request in sequential pieces in its own task.
+    fn spawn_pieces(self: &Rc<Self>, h: RequestHeader, pieces: Vec<(u64, u64)>, bufs: Vec<Buffer>) {
+        let held = if h.kind == CMD_READ {
+            h.len as usize
+        } else {
+            0
+        };
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.held.set(self.held.get() + held);
+        let conn = self.clone();
+        reactor::spawn(async move {
+            let result = conn.run_pieces(&h, pieces, bufs).await;
+            conn.complete_pieces(h, result, held);
+        });
+    }
+
+    async fn run_pieces(
+        &self,
+        h: &RequestHeader,
+        pieces: Vec<(u64, u64)>,
+        bufs: Vec<Buffer>,
+    ) -> Result<Vec<Buffer>, Errno> {
+        let flags = req_flags(h);
+        let mut out = Vec::new();
+        let mut bufs = bufs.into_iter();
+        for (offset, len) in pieces {
+            let req = match h.kind {
+                CMD_READ => Request::read(offset, Buffer::new(len as usize)),
+                CMD_WRITE => Request::write(offset, bufs.next().expect("BUG: piece buffer"), flags),
+                CMD_TRIM => Request::discard(offset, len),
+                CMD_WRITE_ZEROES => Request::write_zeroes(offset, len, flags),
+                _ => unreachable!("BUG: command {} in pieces", h.kind),
+            };
+            let c = self.blk.submit(req).await;
+            c.result?;
+            if h.kind == CMD_READ {
+                out.push(c.req.buf.expect("BUG: read without its buffer"));
+            }
+        }
+        if h.kind == CMD_TRIM && h.flags & CMD_FLAG_FUA != 0 {
+            self.blk.submit(Request::flush()).await.result?;
+        }
+        Ok(out)
+    }
+
+    fn complete(&self, h: RequestHeader, c: Completion, held: usize) {
+        let mut out = Header::new();
+        let reply = match (c.result, h.kind) {
+            (Err(e), _) => {
+                self.release(held);
+                if self.structured && matches!(h.kind, CMD_READ | CMD_BLOCK_STATUS) {
+                    out.error_chunk(h.cookie, wire_error(e), "");
+                } else {
+                    out.simple(wire_error(e), h.cookie);
+                }
+                out.reply(Data::None, 0)
+            }
+            (Ok(()), CMD_READ) => {
+                let buf = c.req.buf.expect("BUG: read without its buffer");
+                out.read_ok(self.structured, &h);
+                out.reply(Data::One(buf, h.len as usize), held)
+            }
+            (Ok(()), CMD_BLOCK_STATUS) => {
+                let descriptors = descriptors(&c.req, h.flags & CMD_FLAG_REQ_ONE != 0);
+                let n = descriptors.len() / 8;
+                out.chunk(
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    h.cookie,
+                    4 + 8 * n as u32,
+                );
+                out.put(&BASE_ALLOCATION_ID.to_be_bytes());
+                let len = descriptors.len();
+                out.reply(Data::One(Buffer::from_slice(&descriptors), len), 0)
+            }
+            (Ok(()), _) => {
+                out.simple(0, h.cookie);
+                out.reply(Data::None, 0)
+            }
+        };
+        self.push(reply);
+        self.finished();
+    }
+
+    fn complete_pieces(&self, h: RequestHeader, result: Result<Vec<Buffer>, Errno>, held: usize) {
+        let mut out = Header::new();
+        let reply = match result {
+            Err(e) => {
+                self.release(held);
+                if self.structured && h.kind == CMD_READ {
+                    out.error_chunk(h.cookie, wire_error(e), "");
+                } else {
+                    out.simple(wire_error(e), h.cookie);
+                }
+                out.reply(Data::None, 0)
+            }
+            Ok(bufs) if h.kind == CMD_READ => {
+                out.read_ok(self.structured, &h);
+                out.reply(Data::Many(bufs), held)
+            }
+            Ok(_) => {
+                out.simple(0, h.cookie);
+                out.reply(Data::None, 0)
+            }
+        };
+        self.push(reply);
+        self.finished();
+    }
+}
+
+/// `base:allocation` descriptors (length, flags) for a block-status result, merged
+/// where neighbours are equal and clipped to the request.
+fn descriptors(req: &Request, one: bool) -> Vec<u8> {
+    let end = req.offset + req.len;
+    let mut merged: Vec<(u64, u32)> = Vec::new();
+    let mut at = req.offset;
+    for e in &req.extents {
+        if at >= end {
+            break;
+        }
+        let e_end = (e.offset + e.len).min(end);
+        if e_end <= at {
+            continue;
+        }
+        let mut flags = 0;
+        if !e.state.data {
+            flags |= STATE_HOLE;
+        }
+        if e.state.zero {
+            flags |= STATE_ZERO;
+        }
+        match merged.last_mut() {
+            Some((len, f)) if *f == flags => *len += e_end - at,
+            _ => merged.push((e_end - at, flags)),
+        }
+        at = e_end;
+    }
+    if merged.is_empty() {
+        // A driver that described nothing: report the range as plain data.
+        merged.push((req.len, 0));
+    }
+    if one {
+        merged.truncate(1);
+    }
+    let mut out = Vec::with_capacity(merged.len() * 8);
+    for (len, flags) in merged {
+        // Lengths fit: a block-status request is never longer than 32 bits.
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
+    out
+}
+
+/// A reply header being built.
+struct Header {
+    bytes: [u8; HEADER_MAX],
+    len: usize,
+}
+
+impl Header {
+    fn new() -> Header {
+        Header {
+            bytes: [0; HEADER_MAX],
+            len: 0,
+        }
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        self.bytes[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+
+    fn simple(&mut self, error: u32, cookie: u64) {
+        self.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.put(&error.to_be_bytes());
+        self.put(&cookie.to_be_bytes());
+    }
+
+    fn chunk(&mut self, flags: u16, kind: u16, cookie: u64, len: u32) {
+        self.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        self.put(&flags.to_be_bytes());
+        self.put(&kind.to_be_bytes());
+        self.put(&cookie.to_be_bytes());
+        self.put(&len.to_be_bytes());
+    }
+
+    fn error_chunk(&mut self, cookie: u64, error: u32, message: &str) {
+        let room = HEADER_MAX - STRUCTURED_REPLY_LEN - 6;
+        let msg = &message.as_bytes()[..message.len().min(room)];
+        self.chunk(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            cookie,
+            6 + msg.len() as u32,
+        );
+        self.put(&error.to_be_bytes());
+        self.put(&(msg.len() as u16).to_be_bytes());
+        self.put(msg);
+    }
+
+    fn read_ok(&mut self, structured: bool, h: &RequestHeader) {
+        if structured {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h.cookie, 8 + h.len);
+            self.put(&h.offset.to_be_bytes());
+        } else {
+            self.simple(0, h.cookie);
+        }
+    }
+
+    fn reply(self, data: Data, held: usize) -> OutReply {
+        OutReply {
+            header: self.bytes,
+            header_len: self.len as u8,
+            data,
+            held,
+        }
+    }
+}
+
+/// Sends queued replies, all that are queued at once, until the connection closes.
+async fn write_loop(conn: Rc<Conn>) {
+    let mut g = Gather::new();
+    let mut batch: Vec<OutReply> = Vec::new();
+    loop {
+        poll_fn(|cx| {
+            let idle = conn.closing.get() && conn.in_flight.get() == 0;
+            if !conn.queue.borrow().is_empty() || idle || conn.dead.get() {
+                Poll::Ready(())
+            } else {
+                *conn.writer.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if conn.dead.get() {
+            let dropped: usize = conn.queue.borrow_mut().drain(..).map(|r| r.held).sum();
+            conn.release(dropped);
+            return;
+        }
+        batch.extend(conn.queue.borrow_mut().drain(..));
+        if batch.is_empty() {
+            return;
+        }
+        let header_bytes: usize = batch.iter().map(|r| usize::from(r.header_len)).sum();
+        let mut headers = Buffer::new(header_bytes);
+        let mut at = 0;
+        for r in &batch {
+            let n = usize::from(r.header_len);
+            headers[at..at + n].copy_from_slice(&r.header[..n]);
+            at += n;
+        }
+        let hi = g.add(headers);
+        let mut at = 0;
+        let mut held = 0;
+        for r in batch.drain(..) {
+            let n = usize::from(r.header_len);
+            g.segment(hi, at..at + n);
+            at += n;
+            held += r.held;
+            match r.data {
+                Data::None => {}
+                Data::One(buf, len) => {
+                    let i = g.add(buf);
+                    g.segment(i, 0..len);
+                }
+                Data::Many(bufs) => {
+                    for buf in bufs {
+                        let len = buf.len();
+                        let i = g.add(buf);
+                        g.segment(i, 0..len);
+                    }
+                }
+            }
+        }
+        match send_all(conn.fd, g).await {
+            Ok(back) => g = back,
+            Err(_) => {
+                conn.dead.set(true);
+                // Wake a reader blocked in recv: the connection is over.
+                // SAFETY: shutdown(2) on the connection's socket, still open.
+                unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+                g = Gather::new();
+            }
+        }
+        conn.release(held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_engine::{Extent, ExtentState};
+
+    #[test]
+    fn split_covers_the_range_in_chunks() {
+        assert_eq!(split(10, 5, 4), vec![(10, 4), (14, 1)]);
+        assert_eq!(split(0, 8, 4), vec![(0, 4), (4, 4)]);
+        assert_eq!(split(0, 3, 4), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn descriptors_merge_clip_and_mark_holes_and_zeroes() {
+        let mut req = Request::block_status(100, 300);
+        let data = ExtentState {
+            allocated: true,
+            zero: false,
+            data: true,
+        };
+        let hole = ExtentState {
+            allocated: false,
+            zero: true,
+            data: false,
+        };
+        req.extents = vec![
+            Extent {
+                offset: 100,
+                len: 50,
+                state: data,
+            },
+            Extent {
+                offset: 150,
+                len: 50,
+                state: data,
+            },
+            Extent {
+                offset: 200,
+                len: 500,
+                state: hole,
+            },
+        ];
+        let d = descriptors(&req, false);
+        assert_eq!(d.len(), 16);
+        assert_eq!((be32(&d[0..4]), be32(&d[4..8])), (100, 0));
+        assert_eq!(
+            (be32(&d[8..12]), be32(&d[12..16])),
+            (200, STATE_HOLE | STATE_ZERO)
+        );
+        assert_eq!(descriptors(&req, true).len(), 8);
+    }
+}
