@@ -498,6 +498,7 @@ fn run_loop(core: &Core) {
     let mode = core.engine.config.poll_mode;
     let budget = core.engine.config.idle_budget;
     let mut idle_since: Option<Instant> = None;
+    let mut deferred = false;
     let mut woken = Vec::new();
     let mut dead = Vec::new();
     loop {
@@ -525,11 +526,27 @@ fn run_loop(core: &Core) {
             }
         }
         let busy = completions + ran + messages + timers_fired > 0 || core.executor.has_ready();
-        if busy || mode == PollMode::Busy {
-            idle_since = None;
-            core.ring.borrow_mut().submit();
+        if mode == PollMode::Interrupt && !core.executor.has_ready() {
+            // Nothing runnable: submit what the tasks queued and wait in the same
+            // io_uring_enter (a separate submit, then another pass to find nothing to
+            // do, would cost one more system call per wake-up).
+            sleep_until_work(core);
             continue;
         }
+        if busy || mode == PollMode::Busy {
+            idle_since = None;
+            // Tasks woken during this pass run in the next one: let them queue their I/O
+            // too and submit it all with one io_uring_enter. Never twice in a row, so a
+            // stream of ready tasks cannot hold submissions back.
+            if core.executor.has_ready() && !deferred {
+                deferred = true;
+            } else {
+                deferred = false;
+                core.ring.borrow_mut().submit();
+            }
+            continue;
+        }
+        deferred = false;
         if mode == PollMode::Hybrid {
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);

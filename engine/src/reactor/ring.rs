@@ -957,6 +957,34 @@ impl Gather {
         }
     }
 
+    /// Sends what it can right now with a non-blocking `sendmsg(2)` (`MSG_DONTWAIT`,
+    /// `MSG_NOSIGNAL`) and records it as sent; returns the bytes sent (0 when the socket
+    /// is full). A reply that fits in the socket buffer, the usual case, then needs no
+    /// ring operation and no completion to wait for; [`send_gather`] sends the rest.
+    pub fn send_now(&mut self, fd: RawFd) -> Result<usize, Errno> {
+        let count = self.segments().min(GATHER_MAX_SEGMENTS);
+        if count == 0 {
+            return Ok(0);
+        }
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = self.iov[self.head..].as_mut_ptr();
+        msg.msg_iovlen = count;
+        // SAFETY: the iovecs point into buffers `self` owns, valid for the call; the
+        // kernel only reads them, and only during the call.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = Errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            );
+            return if e == Errno::EAGAIN { Ok(0) } else { Err(e) };
+        }
+        self.advance(n as usize);
+        Ok(n as usize)
+    }
+
     /// Drops every buffer and segment, keeping the lists' capacity.
     pub fn clear(&mut self) {
         self.bufs.clear();
