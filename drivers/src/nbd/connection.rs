@@ -36,11 +36,15 @@ pub(super) async fn serve(shared: Arc<Shared>, id: u64, fd: Arc<OwnedFd>) {
     let negotiated = Rc::new(Cell::new(false));
     let limit = shared.config.handshake_max;
     if !limit.is_zero() {
-        let (done, fd) = (negotiated.clone(), fd.clone());
+        // Holds the socket weakly: a connection that ended closes at once, not when
+        // the deadline passes.
+        let (done, fd) = (negotiated.clone(), Arc::downgrade(&fd));
         reactor::spawn(async move {
             reactor::sleep(limit).await;
-            if !done.get() {
-                // SAFETY: shutdown(2) on a socket this task keeps open.
+            if let Some(fd) = fd.upgrade()
+                && !done.get()
+            {
+                // SAFETY: shutdown(2) on a socket the upgraded Arc keeps open.
                 unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
             }
         });
@@ -397,14 +401,15 @@ fn flags_for(spec: &ExportSpec, info: &DriverInfo, structured: bool) -> u16 {
     if ops.supports(Op::Flush) {
         f |= FLAG_SEND_FLUSH;
     }
+    if ops.fua() {
+        // Advertised on read-only exports too, as QEMU does (it then has no effect).
+        f |= FLAG_SEND_FUA;
+    }
     if structured {
         f |= FLAG_SEND_DF;
     }
     if !spec.writable {
         return f | FLAG_READ_ONLY;
-    }
-    if ops.fua() {
-        f |= FLAG_SEND_FUA;
     }
     if ops.supports(Op::Discard) {
         f |= FLAG_SEND_TRIM;

@@ -285,6 +285,11 @@ impl Ring {
         }
     }
 
+    /// Submits and waits until `want` completions are available, or `timeout`.
+    pub(crate) fn wait_for(&mut self, want: usize, timeout: Duration) {
+        self.enter(want, Some(timeout));
+    }
+
     /// Submits and sleeps until at least one completion, or `timeout`.
     pub(crate) fn submit_and_wait(&mut self, timeout: Option<Duration>) {
         self.enter(1, timeout);

@@ -858,12 +858,18 @@ fn query_schema_covers_every_command_and_event_with_valid_json_schemas() {
         .collect();
     assert_eq!(
         events,
-        ["BLOCK_NODE_ADDED", "BLOCK_NODE_REMOVED", "BLOCK_IO_ERROR"]
+        [
+            "BLOCK_NODE_ADDED",
+            "BLOCK_NODE_REMOVED",
+            "BLOCK_IO_ERROR",
+            "BLOCK_EXPORT_DELETED"
+        ]
     );
     for e in schema["events"].as_array().unwrap() {
         jsonschema::meta::validate(&e["data"]).unwrap();
     }
     let data = |i: usize| &schema["events"][i]["data"];
+    assert!(jsonschema::is_valid(data(3), &json!({"id": "e0"})));
     assert!(jsonschema::is_valid(data(0), &json!({"node-name": "n"})));
     assert!(jsonschema::is_valid(
         data(2),
@@ -1047,4 +1053,339 @@ fn a_users_failed_request_becomes_a_block_io_error_event() {
     );
     assert_eq!(h.reg().poll_io_errors(), 0);
     h.shutdown();
+}
+
+// ---- NBD exports ---------------------------------------------------------------------
+
+/// A unix socket path for an NBD server, removed (with its directory) when dropped.
+struct SocketDir(std::path::PathBuf);
+
+impl SocketDir {
+    fn new(tag: &str) -> SocketDir {
+        let dir = std::env::temp_dir().join(format!("strata-reg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("socket dir");
+        SocketDir(dir)
+    }
+
+    fn sock(&self) -> String {
+        self.0.join("nbd.sock").to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Connects and completes an `NBD_OPT_GO` for `name`; returns the connected socket.
+fn nbd_go(path: &str, name: &str) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[0..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).unwrap();
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).unwrap();
+        match kind {
+            1 => return s,
+            3 => {}
+            other => panic!("NBD_OPT_GO for {name} got reply type {other:#x}"),
+        }
+    }
+}
+
+#[test]
+fn an_export_holds_qemus_permissions_and_pins_its_node_until_deleted() {
+    let mut h = harness(1);
+    let dir = SocketDir::new("export-perm");
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "memory", "node-name": "m", "size": 1 << 20}),
+    );
+    let e = h.err(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "m"}),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (ErrorCode::InvalidParams, "NBD server not running")
+    );
+    // QMP's legacy address form.
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": dir.sock()}}}),
+    );
+    let e = h.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": dir.sock()}}),
+    );
+    assert_eq!(e.message, "NBD server already running");
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "m", "writable": true,
+               "iothread": "iot0"}),
+    );
+    let g = h.ok("query-block-graph", Value::Null);
+    let root = g["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "root")
+        .expect("the export's edge")
+        .clone();
+    assert_eq!(root["perm"], json!(["write", "consistent-read"]));
+    assert_eq!(
+        root["shared-perm"],
+        json!(["write-unchanged", "write", "consistent-read"]),
+        "everything but resize is shared"
+    );
+    assert_eq!(
+        g["nodes"][0]["name"], "block export 'e0'",
+        "the export is the node's block-backend"
+    );
+    let e = h.err("blockdev-del", json!({"node-name": "m"}));
+    assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
+    // Same id, same name (the node name by default), unknown node, other types.
+    for (params, code) in [
+        (
+            json!({"type": "nbd", "id": "e0", "node-name": "m", "name": "x"}),
+            ErrorCode::InvalidParams,
+        ),
+        (
+            json!({"type": "nbd", "id": "e1", "node-name": "m"}),
+            ErrorCode::InvalidParams,
+        ),
+        (
+            json!({"type": "nbd", "id": "e2", "node-name": "nope"}),
+            ErrorCode::NotFound,
+        ),
+        (
+            json!({"type": "fuse", "id": "e3", "node-name": "m"}),
+            ErrorCode::Unsupported,
+        ),
+        (
+            json!({"type": "nbd", "id": "e4", "node-name": "m", "name": "b", "bitmaps": ["b0"]}),
+            ErrorCode::Unsupported,
+        ),
+    ] {
+        let e = h.err("block-export-add", params.clone());
+        assert_eq!(e.code, code, "{params}: {e:?}");
+    }
+    assert_eq!(
+        h.ok("query-block-exports", Value::Null),
+        json!([{"type": "nbd", "id": "e0", "node-name": "m", "shutting-down": false}])
+    );
+    // A read-only second export of the same node is fine alongside the writer.
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "ro", "node-name": "m", "name": "m-ro"}),
+    );
+    h.events();
+    h.ok("block-export-del", json!({"id": "e0"}));
+    assert_eq!(
+        h.events(),
+        vec![("BLOCK_EXPORT_DELETED".to_string(), json!({"id": "e0"}))]
+    );
+    let e = h.err("block-export-del", json!({"id": "e0"}));
+    assert_eq!(e.code, ErrorCode::NotFound);
+    h.ok("nbd-server-stop", Value::Null);
+    assert_eq!(
+        h.events(),
+        vec![("BLOCK_EXPORT_DELETED".to_string(), json!({"id": "ro"}))],
+        "stopping the server removes its exports"
+    );
+    assert_eq!(h.ok("query-block-exports", Value::Null), json!([]));
+    assert!(
+        !std::path::Path::new(&dir.sock()).exists(),
+        "the socket file goes with the server"
+    );
+    let e = h.err("nbd-server-stop", Value::Null);
+    assert_eq!(e.message, "NBD server not running");
+    h.ok("blockdev-del", json!({"node-name": "m"}));
+    h.shutdown();
+}
+
+#[test]
+fn a_writable_export_of_a_read_only_node_is_refused() {
+    let mut h = harness(1);
+    let dir = SocketDir::new("export-ro");
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "memory", "node-name": "m", "size": 65536, "read-only": true}),
+    );
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": dir.sock()}}),
+    );
+    let e = h.err(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "m", "writable": "on"}),
+    );
+    assert_eq!(
+        e.message,
+        "Read-only block node 'm' cannot support read-write users"
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "m"}),
+    );
+    h.shutdown();
+}
+
+#[test]
+fn export_del_safe_refuses_while_a_client_is_connected_and_hard_disconnects_it() {
+    use std::io::Read;
+    let mut h = harness(2);
+    let dir = SocketDir::new("export-del");
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n", "size": 1 << 20}),
+    );
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": dir.sock()}}),
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "n", "name": "disk"}),
+    );
+    let mut client = nbd_go(&dir.sock(), "disk");
+    assert_eq!(h.ok("query-nbd-server", Value::Null)["connections"], 1);
+    let e = h.err("block-export-del", json!({"id": "e0", "mode": "safe"}));
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert_eq!(
+        e.message,
+        "export 'e0' still in use (use mode 'hard' to disconnect its clients)"
+    );
+    h.ok("block-export-del", json!({"id": "e0", "mode": "hard"}));
+    let mut rest = Vec::new();
+    assert_eq!(
+        client.read_to_end(&mut rest).expect("EOF, not an error"),
+        0,
+        "the client is disconnected"
+    );
+    assert_eq!(h.ok("query-nbd-server", Value::Null)["connections"], 0);
+    h.ok("blockdev-del", json!({"node-name": "n"}));
+    h.shutdown();
+}
+
+#[test]
+fn nbd_server_addresses_in_both_qapi_forms_and_their_errors() {
+    let mut h = harness(1);
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}},
+               "max-connections": 4}),
+    );
+    let info = h.ok("query-nbd-server", Value::Null);
+    let addr = info["addr"].as_str().unwrap().to_string();
+    let port: u16 = addr
+        .strip_prefix("127.0.0.1:")
+        .expect("loopback")
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0, "port 0 is resolved to the port in use");
+    std::net::TcpStream::connect(&addr).expect("the server listens");
+    h.ok("nbd-server-stop", Value::Null);
+    // TCP defaults to loopback when no host is given.
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "port": 0}}),
+    );
+    let info = h.ok("query-nbd-server", Value::Null);
+    assert!(
+        info["addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{info}"
+    );
+    h.ok("nbd-server-stop", Value::Null);
+    for (addr, msg) in [
+        (json!({"type": "unix"}), "Parameter 'addr.path' is missing"),
+        (
+            json!({"type": "inet", "host": "127.0.0.1"}),
+            "Parameter 'addr.port' is missing",
+        ),
+        (
+            json!({"type": "inet", "port": "http"}),
+            "addr.port: 'http' is not a port number",
+        ),
+        (
+            json!({"type": "unix", "path": "/x", "data": {"path": "/y"}}),
+            "addr: give the address fields either inside 'data' or beside 'type', not both",
+        ),
+    ] {
+        let e = h.err("nbd-server-start", json!({"addr": addr}));
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (ErrorCode::InvalidParams, msg)
+        );
+    }
+    let e = h.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": "/x"}, "tls-creds": "t0"}),
+    );
+    assert_eq!(e.code, ErrorCode::Unsupported);
+    let e = h.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "vsock", "cid": "3"}}),
+    );
+    assert_eq!(e.code, ErrorCode::InvalidParams);
+    h.shutdown();
+}
+
+#[test]
+fn save_config_recreates_the_nbd_server_and_its_exports() {
+    let mut h = harness(1);
+    let dir = SocketDir::new("export-save");
+    h.ok(
+        "blockdev-add",
+        json!({"driver": "memory", "node-name": "m", "size": 65536}),
+    );
+    h.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": dir.sock()}}),
+    );
+    h.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "m", "name": "disk",
+               "description": "the disk", "writable": true}),
+    );
+    let calls = h.ok("save-config", Value::Null);
+    let methods: Vec<&str> = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        ["blockdev-add", "nbd-server-start", "block-export-add"]
+    );
+    h.shutdown();
+    let mut fresh = harness(1);
+    for c in calls.as_array().unwrap() {
+        fresh.ok(c["method"].as_str().unwrap(), c["params"].clone());
+    }
+    assert_eq!(
+        fresh.ok("query-block-exports", Value::Null),
+        json!([{"type": "nbd", "id": "e0", "node-name": "m", "shutting-down": false}])
+    );
+    nbd_go(&dir.sock(), "disk");
+    fresh.shutdown();
 }
