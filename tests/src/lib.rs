@@ -10,6 +10,8 @@
 //! Every daemon a test starts is a [`Daemon`] guard: dropping it kills the process and
 //! removes its directory, so a failing test leaves nothing running.
 
+pub mod nbd;
+
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::ops::{Deref, DerefMut};
@@ -114,8 +116,8 @@ fn collect(
 }
 
 impl Daemon {
-    /// `stratad` with `rpc.sock` and `qmp.sock` in a new temp dir, one reactor on CPU 0,
-    /// plus `args`; returns once it says it listens.
+    /// `stratad` with `rpc.sock` and `qmp.sock` in a new temp dir, one reactor on CPU 0
+    /// (unless `args` gives `-m`), plus `args`; returns once it says it listens.
     pub fn start(args: &[&str]) -> Daemon {
         Daemon::start_in(TempDir::new("stratad"), args)
     }
@@ -135,12 +137,17 @@ impl Daemon {
     pub fn spawn_in(dir: TempDir, args: &[&str]) -> Result<Daemon, (ExitStatus, String, String)> {
         let rpc = dir.path("rpc.sock");
         let qmp = dir.path("qmp.sock");
+        let cores: &[&str] = if args.contains(&"-m") {
+            &[]
+        } else {
+            &["-m", "[0]"]
+        };
         let mut child = Command::new(workspace_bin("stratad"))
             .arg("--rpc-socket")
             .arg(&rpc)
             .arg("--qmp-socket")
             .arg(&qmp)
-            .args(["-m", "[0]"])
+            .args(cores)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -50,9 +50,6 @@ pub const MAX_HELD_BYTES: usize = 64 << 20;
 /// error chunk's error, message length and message).
 const HEADER_MAX: usize = 64;
 
-const KNOWN_FLAGS: u16 =
-    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
-
 /// A reply waiting to be sent.
 struct OutReply {
     header: [u8; HEADER_MAX],
@@ -181,8 +178,16 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
 
 /// Checks a request against the export before anything runs.
 fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusal> {
-    if h.flags & !KNOWN_FLAGS != 0 {
-        return Err((EINVAL, "unknown command flags"));
+    // Each flag only where the protocol defines it (and where it was advertised).
+    let allowed = match h.kind {
+        CMD_READ if conn.structured => CMD_FLAG_DF,
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        _ => 0,
+    };
+    if h.flags & !allowed != 0 {
+        return Err((EINVAL, "command flags not valid for this command"));
     }
     let ops = info.ops;
     let (op, is_write) = match h.kind {
@@ -306,14 +311,21 @@ impl Conn {
         }
     }
 
+    /// Answers a request with an error: an error chunk once structured replies are
+    /// negotiated (it carries a message; the protocol prefers it for every command),
+    /// otherwise a simple reply.
     fn refuse(&self, h: &RequestHeader, error: u32, message: &str) {
+        self.push(self.error_reply(h, error, message));
+    }
+
+    fn error_reply(&self, h: &RequestHeader, error: u32, message: &str) -> OutReply {
         let mut out = Header::new();
-        if self.structured && matches!(h.kind, CMD_READ | CMD_BLOCK_STATUS) {
+        if self.structured {
             out.error_chunk(h.cookie, error, message);
         } else {
             out.simple(error, h.cookie);
         }
-        self.push(out.reply(Data::None, 0));
+        out.reply(Data::None, 0)
     }
 
     /// Starts a checked request other than a write.
@@ -442,12 +454,7 @@ impl Conn {
         let reply = match (c.result, h.kind) {
             (Err(e), _) => {
                 self.release(held);
-                if self.structured && matches!(h.kind, CMD_READ | CMD_BLOCK_STATUS) {
-                    out.error_chunk(h.cookie, wire_error(e), "");
-                } else {
-                    out.simple(wire_error(e), h.cookie);
-                }
-                out.reply(Data::None, 0)
+                self.error_reply(&h, wire_error(e), e.name())
             }
             (Ok(()), CMD_READ) => {
                 let buf = c.req.buf.expect("BUG: read without its buffer");
@@ -481,12 +488,7 @@ impl Conn {
         let reply = match result {
             Err(e) => {
                 self.release(held);
-                if self.structured && h.kind == CMD_READ {
-                    out.error_chunk(h.cookie, wire_error(e), "");
-                } else {
-                    out.simple(wire_error(e), h.cookie);
-                }
-                out.reply(Data::None, 0)
+                self.error_reply(&h, wire_error(e), e.name())
             }
             Ok(bufs) if h.kind == CMD_READ => {
                 out.read_ok(self.structured, &h);
