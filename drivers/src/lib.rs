@@ -15,6 +15,9 @@
 //! (`file`, a host file or block device over io_uring, with QEMU's image locking),
 //! [`raw`] (`raw`, a window onto its `file` child). Every driver runs the shared
 //! [`conformance`] suite in its tests.
+//!
+//! [`nbd`]: the NBD protocol and the server that exports nodes over it, served by the
+//! reactors (`nbd-server-start` / `block-export-add` in the daemon).
 
 pub mod conformance;
 pub mod file;
