@@ -18,8 +18,9 @@
 //! - **Writer** (a second task): sends every queued reply with one `sendmsg` (headers of
 //!   the batch in one buffer, read data as further segments, no copy).
 //! - **Backpressure**: the reader stops reading while [`MAX_IN_FLIGHT`] requests are in
-//!   flight or [`MAX_HELD_BYTES`] of read data wait to be sent, so a client that never
-//!   reads its replies holds a bounded amount of memory and nothing else.
+//!   flight or [`MAX_HELD_BYTES`] of request data are held (read data not yet sent,
+//!   write payloads not yet written), so a client that never reads its replies, or
+//!   floods a slow node with writes, holds a bounded amount of memory and nothing else.
 //! - **Ending**: end-of-file, `NBD_CMD_DISC`, a broken frame (bad magic, a write payload
 //!   beyond [`MAX_PAYLOAD`]) or a failed send stop the reader. Requests in flight always
 //!   finish (a write that started is never cut short); their replies are sent if the
@@ -43,8 +44,8 @@ use strata_engine::{Buffer, Completion, DriverInfo, Errno, IoFuture, Op, ReqFlag
 
 /// Most requests in flight per connection before the reader pauses.
 pub const MAX_IN_FLIGHT: usize = 512;
-/// Most bytes of read data held (in flight or waiting to be sent) per connection before
-/// the reader pauses.
+/// Most bytes of request data held per connection (read data in flight or waiting to be
+/// sent, write payloads in flight) before the reader pauses.
 pub const MAX_HELD_BYTES: usize = 64 << 20;
 /// Largest reply header: a structured chunk header plus the longest fixed part (an
 /// error chunk's error, message length and message).
@@ -55,7 +56,7 @@ struct OutReply {
     header: [u8; HEADER_MAX],
     header_len: u8,
     data: Data,
-    /// Bytes of read data this reply accounts for in `held`.
+    /// Bytes of read data this reply accounts for in `held` (released once sent).
     held: usize,
 }
 
@@ -385,11 +386,7 @@ impl Conn {
 
     /// Starts a one-piece request; an immediate completion is answered at once.
     fn submit(self: &Rc<Self>, h: RequestHeader, req: Request) {
-        let held = if h.kind == CMD_READ {
-            h.len as usize
-        } else {
-            0
-        };
+        let held = held_by(&h);
         self.in_flight.set(self.in_flight.get() + 1);
         self.held.set(self.held.get() + held);
         match self.blk.submit(req) {
@@ -406,11 +403,7 @@ impl Conn {
 
     /// Runs a request in sequential pieces in its own task.
     fn spawn_pieces(self: &Rc<Self>, h: RequestHeader, pieces: Vec<(u64, u64)>, bufs: Vec<Buffer>) {
-        let held = if h.kind == CMD_READ {
-            h.len as usize
-        } else {
-            0
-        };
+        let held = held_by(&h);
         self.in_flight.set(self.in_flight.get() + 1);
         self.held.set(self.held.get() + held);
         let conn = self.clone();
@@ -475,6 +468,8 @@ impl Conn {
                 out.reply(Data::One(Buffer::from_slice(&descriptors), len), 0)
             }
             (Ok(()), _) => {
+                // A write's payload is freed with its request.
+                self.release(held);
                 out.simple(0, h.cookie);
                 out.reply(Data::None, 0)
             }
@@ -495,12 +490,22 @@ impl Conn {
                 out.reply(Data::Many(bufs), held)
             }
             Ok(_) => {
+                self.release(held);
                 out.simple(0, h.cookie);
                 out.reply(Data::None, 0)
             }
         };
         self.push(reply);
         self.finished();
+    }
+}
+
+/// Bytes of memory a request holds against [`MAX_HELD_BYTES`]: a read's data until its
+/// reply is sent, a write's payload until it completes.
+fn held_by(h: &RequestHeader) -> usize {
+    match h.kind {
+        CMD_READ | CMD_WRITE => h.len as usize,
+        _ => 0,
     }
 }
 
