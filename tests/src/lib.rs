@@ -4,11 +4,13 @@
 //!
 //! ```text
 //!   test --spawn--> stratad (temp dir: rpc.sock, qmp.sock)   <-- JsonRpc / Qmp clients
-//!     \--spawn--> strata-rpc, qemu-img / qemu-io / python3 -m qemu.qmp
+//!    |                 ^ NBD (nbd::Server starts it with --nbd-server)  <-- nbd::Client
+//!     \--spawn--> strata-rpc, qemu-img / qemu-io / nbdinfo / fio ...  (run_limited -> Ran)
 //! ```
 //!
 //! Every daemon a test starts is a [`Daemon`] guard: dropping it kills the process and
-//! removes its directory, so a failing test leaves nothing running.
+//! removes its directory, so a failing test leaves nothing running. Client commands run
+//! with a time limit, their output read as they run ([`run_limited`], [`wait_output`]).
 
 pub mod nbd;
 
@@ -99,8 +101,9 @@ pub struct Daemon {
     pub dir: TempDir,
 }
 
-/// Collects a pipe's text on a thread; lines also go to the returned receiver.
-fn collect(
+/// Collects a pipe's text into `into` on a thread, line by line as it comes; each line
+/// also goes to the returned receiver (to wait for a prompt or a banner).
+pub fn collect(
     pipe: impl Read + Send + 'static,
     into: Arc<Mutex<String>>,
 ) -> (JoinHandle<()>, Receiver<String>) {
@@ -193,6 +196,17 @@ impl Daemon {
         }
     }
 
+    /// Where its NBD server listens: the `nbd=<addr>` token of the banner, if any.
+    pub fn nbd_addr(&self) -> Option<nbd::Addr> {
+        let token = self
+            .banner
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("nbd="))?;
+        Some(nbd::Addr::parse(
+            token.trim_end_matches([',', ';', ')', '"', '\'']),
+        ))
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("daemon running").id() as i32
     }
@@ -278,21 +292,103 @@ impl Drop for Daemon {
     }
 }
 
-/// Waits for `child` with a deadline, killing it if it is exceeded.
-pub fn wait_output(mut child: Child, limit: Duration) -> Output {
+/// Waits for `child` with a deadline, killing it if it is exceeded. Its piped stdout
+/// and stderr are read as it runs, so a chatty child never blocks on a full pipe.
+pub fn wait_output(child: Child, limit: Duration) -> Output {
+    wait_limited(child, limit, "process")
+}
+
+/// [`wait_output`], with `what` naming the process in the panic.
+fn wait_limited(mut child: Child, limit: Duration, what: &str) -> Output {
+    let out = child.stdout.take().map(slurp);
+    let err = child.stderr.take().map(slurp);
+    let text = |pipe: Option<JoinHandle<Vec<u8>>>| pipe.map_or(Vec::new(), |h| h.join().unwrap());
     let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if Instant::now() > deadline {
-            child.kill().ok();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
             panic!(
-                "process did not exit within {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "{what} did not exit within {limit:?}: {}",
+                String::from_utf8_lossy(&text(err))
             );
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: text(out),
+        stderr: text(err),
     }
-    child.wait_with_output().unwrap()
+}
+
+/// Reads all of `pipe` on a thread.
+fn slurp(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// A finished command: its command line, exit code and output, lossily decoded. It
+/// displays as all of that, for assertion messages.
+#[derive(Debug)]
+pub struct Ran {
+    pub cmd: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Asserts exit code 0; returns itself.
+    pub fn success(self) -> Ran {
+        assert_eq!(self.code, 0, "{self}");
+        self
+    }
+
+    /// Asserts a non-zero exit code; returns itself.
+    pub fn failure(self) -> Ran {
+        assert_ne!(self.code, 0, "expected a failure: {self}");
+        self
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\nexit code {}\n--- stdout\n{}--- stderr\n{}",
+            self.cmd, self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` with no stdin, collecting its output; kills it and fails the test if it
+/// has not exited within `limit`.
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> Ran {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {line}: {e}"));
+    let (code, stdout, stderr) = code_and_text(wait_limited(child, limit, &line));
+    Ran {
+        cmd: line,
+        code,
+        stdout,
+        stderr,
+    }
 }
 
 /// Runs a command, returning its output; panics if it cannot be started.
@@ -541,6 +637,28 @@ impl Qmp {
             }
         }
     }
+}
+
+/// The first `n` CPUs this process may run on, as a `-m` list (`[0,1]`); fails if it
+/// may use fewer.
+pub fn first_cpus(n: usize) -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
+    }
+    assert!(
+        cpus.len() >= n,
+        "this test needs {n} CPUs for {n} reactors, but may only use CPUs {list}"
+    );
+    let picked: Vec<String> = cpus[..n].iter().map(|c| c.to_string()).collect();
+    format!("[{}]", picked.join(","))
 }
 
 /// Node names in the graph, sorted.

@@ -10,21 +10,22 @@
 //!    \---- JSON-RPC: nbd-server-start/-stop, block-export-add/-del/query --/
 //! ```
 //!
-//! `STRATA_NBD_PEER=qemu-storage-daemon cargo test -p strata-tests --test nbd_interop`
-//! runs the same tests against QEMU's daemon (which takes the same flags; `memory` nodes
-//! become sparse files, JSON-RPC calls go over QMP): the reference the expectations were
-//! checked against.
+//! The server is `strata_tests::nbd::Server`: with `STRATA_NBD_SERVER=qemu-storage-daemon`
+//! the same tests run against QEMU's daemon, the reference the expectations were checked
+//! against.
 
 use serde_json::{Value, json};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::{ChildStdout, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use strata_tests::{ChildGuard, Conn, Daemon, JsonRpc, Qmp, TempDir, require_tool, workspace_bin};
+use strata_tests::nbd::{Addr, Listen, Server};
+use strata_tests::{
+    ChildGuard, Ran, TempDir, collect, first_cpus, require_tool, run_limited, wait_output,
+};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -36,81 +37,9 @@ const CLIENT_LIMIT: Duration = Duration::from_secs(90);
 // ---------------------------------------------------------------------------------------
 // Running clients
 
-/// A finished client command: its command line, exit code and output.
-#[derive(Debug)]
-struct Ran {
-    cmd: String,
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    /// Asserts exit code 0; returns itself.
-    fn success(self) -> Ran {
-        assert_eq!(self.code, 0, "{self}");
-        self
-    }
-
-    /// Asserts a non-zero exit code; returns itself.
-    fn failure(self) -> Ran {
-        assert_ne!(self.code, 0, "expected a failure: {self}");
-        self
-    }
-}
-
-impl std::fmt::Display for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}\nexit code {}\n--- stdout\n{}--- stderr\n{}",
-            self.cmd, self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Reads all of `pipe` on a thread (so a chatty child never blocks on a full pipe).
-fn slurp(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
 /// Runs `program args`, killing it (and failing) after [`CLIENT_LIMIT`].
 fn exec(program: &str, args: &[&str]) -> Ran {
-    let cmd = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let out = slurp(child.stdout.take().unwrap());
-    let err = slurp(child.stderr.take().unwrap());
-    let deadline = Instant::now() + CLIENT_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd} did not finish within {CLIENT_LIMIT:?}\n--- stderr\n{}",
-                err.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ran {
-        cmd,
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    run_limited(Command::new(program).args(args), CLIENT_LIMIT)
 }
 
 /// qemu-io on a raw image (a file or an NBD URI), one `-c` per command.
@@ -140,353 +69,22 @@ fn nbdinfo_json(args: &[&str]) -> Value {
 // ---------------------------------------------------------------------------------------
 // The server
 
-/// Where the NBD server listens.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Listen {
-    Unix,
-    Tcp,
-}
-
-/// Which daemon serves: stratad, or (for comparison) qemu-storage-daemon.
-fn peer_is_qsd() -> bool {
-    match std::env::var("STRATA_NBD_PEER").as_deref() {
-        Ok("qemu-storage-daemon" | "qsd") => true,
-        Ok("" | "stratad") | Err(_) => false,
-        Ok(other) => panic!("STRATA_NBD_PEER={other}: expected stratad or qemu-storage-daemon"),
-    }
-}
-
-/// The running daemon behind a [`Server`].
-#[derive(Debug)]
-enum Process {
-    /// stratad on one reactor, through the harness.
-    Stratad(Daemon),
-    /// A daemon this file spawned (stratad on several reactors, or qemu-storage-daemon),
-    /// killed on drop; its output is collected for failure messages.
-    Spawned {
-        child: ChildGuard,
-        output: Vec<JoinHandle<String>>,
-        dir: TempDir,
-    },
-}
-
-/// A daemon with an NBD server (or, without `listen`, ready to start one over RPC).
-#[derive(Debug)]
-struct Server {
-    process: Process,
-    /// The unix socket path or `127.0.0.1:PORT`, as the daemon announced it.
-    nbd: Option<String>,
-    qsd: bool,
-}
-
-impl Server {
-    /// A server with one reactor; `args` are `--blockdev` / `--export` pairs.
-    fn start(listen: Option<Listen>, args: &[&str]) -> Server {
-        Server::start_on(1, listen, args)
-    }
-
-    /// A server with `reactors` reactors (stratad's `-m`).
-    fn start_on(reactors: usize, listen: Option<Listen>, args: &[&str]) -> Server {
-        let dir = TempDir::new("nbd");
-        let mut all: Vec<String> = Vec::new();
-        let unix = dir.path("nbd.sock");
-        match listen {
-            Some(Listen::Unix) => all.extend([
-                "--nbd-server".into(),
-                format!("addr.type=unix,addr.path={}", unix.display()),
-            ]),
-            Some(Listen::Tcp) => all.extend([
-                "--nbd-server".into(),
-                "addr.type=inet,addr.host=127.0.0.1,addr.port=0".into(),
-            ]),
-            None => {}
-        }
-        all.extend(args.iter().map(|a| a.to_string()));
-        if peer_is_qsd() {
-            return Server::start_qsd(dir, listen, all);
-        }
-        let (process, banner) = if reactors == 1 {
-            let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            let d = Daemon::start_in(dir, &all);
-            let banner = d.banner.clone();
-            (Process::Stratad(d), banner)
-        } else {
-            let cores = first_cpus(reactors);
-            spawn_stratad(dir, &cores, &all)
-        };
-        let nbd = listen.map(|l| {
-            let addr = banner
-                .split_whitespace()
-                .find_map(|t| t.strip_prefix("nbd="))
-                .unwrap_or_else(|| panic!("no nbd=<addr> in the banner: {banner}"))
-                .trim_end_matches([',', ';', ')'])
-                .to_string();
-            match l {
-                Listen::Unix => assert_eq!(addr, unix.display().to_string(), "{banner}"),
-                Listen::Tcp => assert!(
-                    addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-                    "{banner}"
-                ),
-            }
-            addr
-        });
-        Server {
-            process,
-            nbd,
-            qsd: false,
-        }
-    }
-
-    /// qemu-storage-daemon with the same flags, QMP instead of JSON-RPC, `memory` nodes
-    /// as sparse files in `dir` and a port picked here (it announces none).
-    fn start_qsd(dir: TempDir, listen: Option<Listen>, mut args: Vec<String>) -> Server {
-        require_tool("qemu-storage-daemon", "qemu-system-common");
-        let mut nbd = None;
-        for a in &mut args {
-            if let Some(rest) = a.strip_prefix("driver=memory,") {
-                let keys: Vec<(&str, &str)> = rest
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .collect();
-                let get = |k: &str| keys.iter().find(|(x, _)| *x == k).unwrap().1;
-                let (name, size) = (get("node-name"), parse_size(get("size")));
-                let file = dir.path(&format!("{name}.img"));
-                File::create(&file).unwrap().set_len(size).unwrap();
-                *a = format!("driver=file,node-name={name},filename={}", file.display());
-            } else if a.contains("addr.port=0") {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                *a = a.replace("addr.port=0", &format!("addr.port={port}"));
-                nbd = Some(format!("127.0.0.1:{port}"));
-            } else if let Some(p) = a.strip_prefix("addr.type=unix,addr.path=") {
-                nbd = Some(p.to_string());
-            }
-        }
-        assert_eq!(nbd.is_some(), listen.is_some());
-        let qmp = dir.path("qmp.sock");
-        let mut child = Command::new("qemu-storage-daemon")
-            .arg("--chardev")
-            .arg(format!(
-                "socket,id=m,path={},server=on,wait=off",
-                qmp.display()
-            ))
-            .args(["--monitor", "chardev=m"])
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qemu-storage-daemon");
-        let output = vec![
-            slurp(child.stdout.take().unwrap()),
-            slurp(child.stderr.take().unwrap()),
-        ];
-        let mut child = ChildGuard(Some(child));
-        let exited = |output: Vec<JoinHandle<String>>| -> ! {
-            let said: String = output.into_iter().map(|h| h.join().unwrap()).collect();
-            panic!("qemu-storage-daemon exited during start: {said}")
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !qmp.exists() {
-            if child.try_output().is_some() {
-                exited(output);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // It greets on QMP once every option has been processed.
-        if Conn::connect(&qmp).try_recv().is_none() {
-            let _ = child.0.as_mut().unwrap().wait();
-            exited(output);
-        }
-        Server {
-            process: Process::Spawned { child, output, dir },
-            nbd,
-            qsd: true,
-        }
-    }
-
-    /// The URI of export `name`.
-    fn uri(&self, name: &str) -> String {
-        let addr = self.nbd.as_deref().expect("the server listens");
-        if addr.starts_with('/') {
-            format!("nbd+unix:///{name}?socket={addr}")
-        } else {
-            format!("nbd://{addr}/{name}")
-        }
-    }
-
-    /// The URI that lists the server's exports (`nbdinfo --list`).
-    fn list_uri(&self) -> String {
-        let addr = self.nbd.as_deref().expect("the server listens");
-        if addr.starts_with('/') {
-            format!("nbd+unix://?socket={addr}")
-        } else {
-            format!("nbd://{addr}")
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        match &self.process {
-            Process::Stratad(d) => &d.dir.0,
-            Process::Spawned { dir, .. } => &dir.0,
-        }
-    }
-
-    /// Calls `method` over JSON-RPC (QMP for qemu-storage-daemon); `Err(message)` if it
-    /// failed.
-    fn call(&self, method: &str, params: Value) -> Result<Value, String> {
-        if self.qsd {
-            let mut q = Qmp::negotiated(&self.dir().join("qmp.sock"));
-            let r = q.execute(method, params);
-            return match r.get("error") {
-                Some(e) => Err(e["desc"].as_str().unwrap_or_default().to_string()),
-                None => Ok(r["return"].clone()),
-            };
-        }
-        JsonRpc::connect(&self.dir().join("rpc.sock"))
-            .call(method, params)
-            .map_err(|(code, msg)| format!("{msg} (code {code})"))
-    }
-
-    /// Calls `method`, which must succeed.
-    fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method} failed: {e}"))
-    }
-}
-
-/// A failing test shows what the daemon said.
-impl Drop for Server {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let said = match &mut self.process {
-            Process::Stratad(d) => d.stdout() + &d.stderr(),
-            Process::Spawned { child, output, .. } => {
-                drop(child.0.take().map(|mut c| c.kill().and_then(|_| c.wait())));
-                output
-                    .drain(..)
-                    .map(|h| h.join().unwrap_or_default())
-                    .collect()
-            }
-        };
-        eprintln!("--- the daemon's output\n{said}");
-    }
-}
-
-/// The first `n` CPUs this process may run on, as a `-m` list; fails if there are fewer.
-fn first_cpus(n: usize) -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list in /proc/self/status")
-        .trim();
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
-    }
-    assert!(
-        cpus.len() >= n,
-        "this test needs {n} CPUs for {n} reactors, but may only use CPUs {list}"
-    );
-    let picked: Vec<String> = cpus[..n].iter().map(|c| c.to_string()).collect();
-    format!("[{}]", picked.join(","))
-}
-
-/// stratad with `-m cores` (the harness's [`Daemon`] always passes `-m [0]`, and stratad
-/// takes `-m` once); returns once it printed its banner.
-fn spawn_stratad(dir: TempDir, cores: &str, args: &[String]) -> (Process, String) {
-    let mut child = Command::new(workspace_bin("stratad"))
-        .arg("--rpc-socket")
-        .arg(dir.path("rpc.sock"))
-        .arg("--qmp-socket")
-        .arg(dir.path("qmp.sock"))
-        .args(["-m", cores])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stratad");
-    let err = slurp(child.stderr.take().unwrap());
-    let (lines, out) = lines_of(child.stdout.take().unwrap());
-    let mut child = ChildGuard(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let banner = loop {
-        if let Ok(line) = lines.recv_timeout(Duration::from_millis(20))
-            && line.contains("listening")
-        {
-            break line;
-        }
-        if child.try_output().is_some() {
-            panic!(
-                "stratad -m {cores} exited during start: {}",
-                err.join().unwrap()
-            );
-        }
-        assert!(Instant::now() < deadline, "stratad did not start in 30 s");
-    };
-    let process = Process::Spawned {
-        child,
-        output: vec![out, err],
-        dir,
-    };
-    (process, banner)
-}
-
-/// Lines of `pipe` as they come, and everything it said once it closes.
-fn lines_of(pipe: ChildStdout) -> (Receiver<String>, JoinHandle<String>) {
-    let (tx, rx) = channel();
-    let all = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
-    (rx, all)
-}
-
-/// `64M`, `1G`, `4096` as bytes.
-fn parse_size(s: &str) -> u64 {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let shift = match unit {
-        "" => 0,
-        "k" | "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        _ => panic!("size {s}"),
-    };
-    num.parse::<u64>().unwrap() << shift
-}
-
 /// `--blockdev` of a memory node `name` of [`SIZE`].
 fn memory_node(name: &str) -> String {
     format!("driver=memory,node-name={name},size={}M", SIZE / MIB)
 }
 
-/// A server on `reactors` reactors exporting memory node `n0` as `disk`, writable.
+/// A server on `reactors` reactors (the harness's one on CPU 0, else the first ones this
+/// process may use) exporting memory node `n0` as `disk`, writable.
 fn memory_disk(reactors: usize, listen: Listen) -> Server {
     let node = memory_node("n0");
     let export = "type=nbd,id=e0,node-name=n0,name=disk,writable=on";
-    Server::start_on(
-        reactors,
-        Some(listen),
-        &["--blockdev", &node, "--export", export],
-    )
+    let cpus = first_cpus(reactors);
+    let mut args = vec!["--blockdev", &node, "--export", export];
+    if reactors > 1 {
+        args.extend(["-m", &cpus]);
+    }
+    Server::start(Some(listen), "", &args)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -707,9 +305,12 @@ fn qemu_img_compare_finds_the_export_equal_to_a_file_with_the_same_writes() {
         assert!(ran.stdout.contains("Images are identical."), "{ran}");
     }
     // The NBD side as --image-opts: export name and socket as the nbd driver's options.
+    let Addr::Unix(sock) = s.addr() else {
+        unreachable!("a Unix socket")
+    };
     let nbd_opts = format!(
         "driver=nbd,server.type=unix,server.path={},export=disk",
-        s.nbd.as_deref().unwrap()
+        sock.display()
     );
     let file_opts = format!("driver=file,filename={reference}");
     let ran = exec(
@@ -850,6 +451,7 @@ fn nbdinfo_shows_size_flags_names_descriptions_and_the_map_of_a_sparse_file() {
     let mem = memory_node("n0");
     let s = Server::start(
         Some(Listen::Unix),
+        "",
         &[
             "--blockdev",
             &mem,
@@ -1037,6 +639,7 @@ fn a_read_only_export_refuses_writes_and_serves_reads() {
     let node = format!("driver=file,node-name=f,filename={}", img.display());
     let s = Server::start(
         Some(Listen::Unix),
+        "",
         &[
             "--blockdev",
             &node,
@@ -1070,13 +673,13 @@ fn exports_are_added_listed_and_removed_over_rpc() {
     require_tool("nbdinfo", "libnbd-bin");
     require_tool("qemu-io", "qemu-utils");
     let node = memory_node("n0");
-    let mut s = Server::start(None, &["--blockdev", &node]);
+    let mut s = Server::start(None, "", &["--blockdev", &node]);
     let sock = s.dir().join("nbd.sock");
     s.ok(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": sock}}}),
     );
-    s.nbd = Some(sock.display().to_string());
+    s.nbd = Some(Addr::Unix(sock));
     s.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "disk",
@@ -1105,9 +708,9 @@ fn exports_are_added_listed_and_removed_over_rpc() {
         .spawn()
         .expect("qemu-io");
     let mut stdin = client.stdin.take().unwrap();
-    let (lines, out) = lines_of(client.stdout.take().unwrap());
-    let err = slurp(client.stderr.take().unwrap());
-    let client = ChildGuard(Some(client));
+    let out = Arc::new(Mutex::new(String::new()));
+    let (out_thread, lines) = collect(client.stdout.take().unwrap(), out.clone());
+    let mut client = ChildGuard(Some(client));
     writeln!(stdin, "read 0 512").unwrap();
     let line = lines
         .recv_timeout(Duration::from_secs(30))
@@ -1121,7 +724,9 @@ fn exports_are_added_listed_and_removed_over_rpc() {
     s.ok("block-export-del", json!({"id": "e0", "mode": "hard"}));
     writeln!(stdin, "read 0 512").unwrap();
     drop(stdin);
-    let out = wait_child(client, out, err);
+    let done = wait_output(client.0.take().unwrap(), Duration::from_secs(30));
+    out_thread.join().unwrap();
+    let out = out.lock().unwrap().clone() + &String::from_utf8_lossy(&done.stderr);
     assert!(out.contains("read failed"), "the cut-off client: {out}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1153,14 +758,4 @@ fn exports_are_added_listed_and_removed_over_rpc() {
     exec("nbdinfo", &[&s.uri("n0")]).failure();
     let exports = s.ok("query-block-exports", Value::Null);
     assert_eq!(exports, json!([]), "{exports}");
-}
-
-/// Waits for a client that was told to finish; its stdout and stderr.
-fn wait_child(mut client: ChildGuard, out: JoinHandle<String>, err: JoinHandle<String>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.try_output().is_none() {
-        assert!(Instant::now() < deadline, "the client did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    out.join().unwrap() + &err.join().unwrap()
 }
