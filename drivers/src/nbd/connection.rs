@@ -49,13 +49,23 @@ pub(super) async fn serve(shared: Arc<Shared>, id: u64, fd: Arc<OwnedFd>) {
             }
         });
     }
+    // Deregisters however the task ends (a panic included: the executor drops it), so
+    // the socket closes and nobody waits for this connection forever.
+    let _registered = Registered(shared.clone(), id);
     let mut reader = Reader::new(raw);
     let session = negotiate(&shared, id, raw, &mut reader).await;
     negotiated.set(true);
     if let Some(session) = session {
         transmission::run(session, reader, raw).await;
     }
-    shared.unregister(id);
+}
+
+struct Registered(Arc<Shared>, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
 }
 
 /// Why the handshake ended without a session.
@@ -199,7 +209,7 @@ impl Haggle<'_> {
     /// `NBD_OPT_EXPORT_NAME`: no error reply exists; an unknown name closes.
     async fn export_name(&mut self, data: &[u8]) -> Result<Session, End> {
         let name = std::str::from_utf8(data).map_err(|_| End::Close)?;
-        let (session, info) = self.open(name).ok_or(End::Close)?;
+        let (session, info) = self.open(name).map_err(|_| End::Close)?;
         let mut out = Vec::with_capacity(10 + 124);
         out.extend_from_slice(&info.size.to_be_bytes());
         out.extend_from_slice(&transmission_flags(&session, &info).to_be_bytes());
@@ -210,13 +220,13 @@ impl Haggle<'_> {
         Ok(session)
     }
 
-    /// Attaches to export `name` on this reactor.
-    fn open(&self, name: &str) -> Option<(Session, DriverInfo)> {
-        let export = self.shared.attach(self.id, name)?;
-        let blk = Blk::open(export.user, export.node)?;
-        let info = blk.node().info()?;
+    /// Opens export `name` on this reactor and attaches the connection to it; on
+    /// failure, the option error to send.
+    fn open(&self, name: &str) -> Result<(Session, DriverInfo), u32> {
+        let (export, blk, info) = self.look(name)?;
+        self.shared.attach(self.id, &export)?;
         let base_allocation = self.meta.as_deref() == Some(name);
-        Some((
+        Ok((
             Session {
                 export,
                 blk,
@@ -227,31 +237,40 @@ impl Haggle<'_> {
         ))
     }
 
+    /// Export `name` and its node on this reactor, without attaching.
+    fn look(&self, name: &str) -> Result<(Arc<ExportSpec>, Blk, DriverInfo), u32> {
+        if self.shared.stopping() {
+            return Err(REP_ERR_SHUTDOWN);
+        }
+        let export = self.shared.find(name).ok_or(REP_ERR_UNKNOWN)?;
+        let blk = Blk::open(export.user, export.node).ok_or(REP_ERR_UNKNOWN)?;
+        let info = blk.node().info().ok_or(REP_ERR_UNKNOWN)?;
+        Ok((export, blk, info))
+    }
+
     async fn info_or_go(&mut self, option: u32, data: &[u8]) -> Result<Option<Session>, End> {
         let Some((name, requests)) = parse_info_request(data) else {
             self.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")
                 .await?;
             return Ok(None);
         };
-        let block_size_asked = requests.contains(&INFO_BLOCK_SIZE);
         // INFO only looks; GO attaches the connection to the export.
-        let (session, info, spec) = if option == OPT_GO {
-            match self.open(&name) {
-                Some((s, info)) => {
-                    let spec = s.export.clone();
-                    (Some(s), info, spec)
-                }
-                None => return self.unknown(option, &name).await,
-            }
+        let found = if option == OPT_GO {
+            self.open(&name).map(|(s, info)| {
+                let spec = s.export.clone();
+                (Some(s), info, spec)
+            })
         } else {
-            let found = self.shared.find(&name).and_then(|spec| {
-                let blk = Blk::open(spec.user, spec.node)?;
-                Some((blk.node().info()?, spec))
-            });
-            match found {
-                Some((info, spec)) => (None, info, spec),
-                None => return self.unknown(option, &name).await,
+            self.look(&name).map(|(spec, _, info)| (None, info, spec))
+        };
+        let (session, info, spec) = match found {
+            Ok(found) => found,
+            Err(REP_ERR_SHUTDOWN) => {
+                self.error(option, REP_ERR_SHUTDOWN, "server shutting down")
+                    .await?;
+                return Ok(None);
             }
+            Err(_) => return self.unknown(option, &name).await,
         };
         let flags = flags_for(&spec, &info, self.structured);
         let mut d = Vec::with_capacity(12);
@@ -269,9 +288,9 @@ impl Haggle<'_> {
             d.extend_from_slice(spec.description.as_bytes());
             self.reply(option, REP_INFO, &d).await?;
         }
-        // Always sent (as QEMU does); the minimum is the node's alignment only for a
-        // client that said it honours block sizes.
-        let (min, preferred, max) = block_sizes(&info, block_size_asked);
+        // Always sent (as QEMU does), with the node's alignment as the minimum: requests
+        // that ignore it are refused (Strata does not pad them yet).
+        let (min, preferred, max) = block_sizes(&info);
         let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
         d.extend_from_slice(&min.to_be_bytes());
         d.extend_from_slice(&preferred.to_be_bytes());
@@ -297,15 +316,16 @@ impl Haggle<'_> {
                 )
                 .await;
         }
+        if option == OPT_SET_META_CONTEXT {
+            // A SET replaces the selection, also when it fails.
+            self.meta = None;
+        }
         let Some((name, queries)) = parse_meta_request(data) else {
             return self
                 .error(option, REP_ERR_INVALID, "malformed meta context request")
                 .await;
         };
         if self.shared.find(&name).is_none() {
-            if option == OPT_SET_META_CONTEXT {
-                self.meta = None;
-            }
             self.unknown(option, &name).await?;
             return Ok(());
         }
@@ -320,7 +340,13 @@ impl Haggle<'_> {
             self.meta = selected.then(|| name.clone());
         }
         if selected {
-            let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            // LIST answers with id 0, as the protocol asks; SET with the id replies use.
+            let id = if option == OPT_SET_META_CONTEXT {
+                BASE_ALLOCATION_ID
+            } else {
+                0
+            };
+            let mut d = id.to_be_bytes().to_vec();
             d.extend_from_slice(BASE_ALLOCATION.as_bytes());
             self.reply(option, REP_META_CONTEXT, &d).await?;
         }
@@ -380,9 +406,9 @@ fn parse_meta_request(d: &[u8]) -> Option<(String, Vec<String>)> {
 }
 
 /// Minimum, preferred and maximum block size for an export of a node with `info`.
-fn block_sizes(info: &DriverInfo, honoured: bool) -> (u32, u32, u32) {
+fn block_sizes(info: &DriverInfo) -> (u32, u32, u32) {
     let align = info.request_alignment.max(1);
-    let min = if honoured { align } else { 1 };
+    let min = align;
     let preferred = align.max(4096);
     let max = u64::from(MAX_PAYLOAD).min(info.max_transfer.max(u64::from(align))) as u32;
     (min, preferred, max.max(preferred))

@@ -24,6 +24,7 @@
 //! still shut it down.
 
 use super::connection;
+use super::proto::{REP_ERR_SHUTDOWN, REP_ERR_UNKNOWN};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -127,16 +128,29 @@ impl Shared {
         self.lock().exports.get(name).cloned()
     }
 
-    /// Attaches connection `id` to export `name` (`NBD_OPT_GO`): from now on removing
-    /// the export must deal with this connection.
-    pub(super) fn attach(&self, id: u64, name: &str) -> Option<Arc<ExportSpec>> {
+    /// Attaches connection `id` to export `spec` (`NBD_OPT_GO`, once the connection has
+    /// opened it): from now on removing the export must deal with this connection.
+    /// Fails with the option error to send if the export went away meanwhile.
+    pub(super) fn attach(&self, id: u64, spec: &Arc<ExportSpec>) -> Result<(), u32> {
         let mut inner = self.lock();
         if inner.stopping {
-            return None;
+            return Err(REP_ERR_SHUTDOWN);
         }
-        let spec = inner.exports.get(name)?.clone();
-        inner.conns.get_mut(&id)?.export = Some(spec.id.clone());
-        Some(spec)
+        if !inner
+            .exports
+            .get(&spec.name)
+            .is_some_and(|e| Arc::ptr_eq(e, spec))
+        {
+            return Err(REP_ERR_UNKNOWN);
+        }
+        let conn = inner.conns.get_mut(&id).ok_or(REP_ERR_SHUTDOWN)?;
+        conn.export = Some(spec.id.clone());
+        Ok(())
+    }
+
+    /// Whether the server is stopping (options then get `NBD_REP_ERR_SHUTDOWN`).
+    pub(super) fn stopping(&self) -> bool {
+        self.lock().stopping
     }
 
     /// Every export, for `NBD_OPT_LIST`.
@@ -144,22 +158,20 @@ impl Shared {
         self.lock().exports.values().cloned().collect()
     }
 
-    /// Shuts down the sockets of the connections `pick` selects and waits until they
-    /// have deregistered (their requests in flight have finished).
-    fn close_and_wait(&self, pick: impl Fn(&ConnEntry) -> bool) {
+    /// Shuts down the sockets of the connections `pick` selects: each stops reading,
+    /// lets its requests in flight finish, and deregisters.
+    fn close(&self, pick: impl Fn(&ConnEntry) -> bool) {
+        for c in self.lock().conns.values().filter(|c| pick(c)) {
+            // SAFETY: shutdown(2) on a descriptor the entry keeps open.
+            unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    /// Waits until every connection has deregistered.
+    fn wait_all(&self) {
         let mut inner = self.lock();
-        let ids: Vec<u64> = inner
-            .conns
-            .iter()
-            .filter(|(_, c)| pick(c))
-            .map(|(&id, c)| {
-                // SAFETY: shutdown(2) on a descriptor the entry keeps open.
-                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
-                id
-            })
-            .collect();
         let mut waited = 0u32;
-        while ids.iter().any(|id| inner.conns.contains_key(id)) {
+        while !inner.conns.is_empty() {
             let (guard, timeout) = self
                 .changed
                 .wait_timeout(inner, Duration::from_secs(1))
@@ -171,7 +183,7 @@ impl Shared {
                     eprintln!(
                         "strata: NBD server still waits for {} connection(s) to finish \
                          their requests ({waited} s)",
-                        ids.iter().filter(|id| inner.conns.contains_key(id)).count()
+                        inner.conns.len()
                     );
                 }
             }
@@ -243,9 +255,10 @@ impl NbdServer {
         self.shared.lock().conns.len()
     }
 
-    /// Withdraws export `id`. `hard` disconnects its clients (after their requests in
-    /// flight finish); otherwise an export with clients is refused, as QEMU's `safe`
-    /// mode.
+    /// Withdraws export `id`: no new client can open it. `hard` disconnects its clients
+    /// (each finishes its requests in flight first; [`NbdServer::connections_of`] tells
+    /// when they are gone); otherwise an export with clients is refused, as QEMU's
+    /// `safe` mode. Does not wait.
     pub fn remove_export(&self, id: &str, hard: bool) -> Result<ExportSpec, Error> {
         let spec = {
             let mut inner = self.shared.lock();
@@ -275,23 +288,30 @@ impl NbdServer {
             // Removed first: no new client can attach while the old ones go.
             inner.exports.remove(&name).expect("BUG: export vanished")
         };
-        self.shared
-            .close_and_wait(|c| c.export.as_deref() == Some(id));
+        self.shared.close(|c| c.export.as_deref() == Some(id));
         Ok(Arc::unwrap_or_clone(spec))
     }
 
-    /// Stops accepting, disconnects every client (their requests in flight finish
-    /// first) and returns the exports it had.
-    pub fn stop(mut self) -> Vec<ExportSpec> {
+    /// Stops accepting (the listening socket is closed when this returns), disconnects
+    /// every client and withdraws every export, returning them. Clients finish their
+    /// requests in flight in the background: see [`NbdServer::wait_idle`] and
+    /// [`NbdServer::connections_of`].
+    pub fn shut_down(&mut self) -> Vec<ExportSpec> {
         self.shared.lock().stopping = true;
         // SAFETY: shutdown(2) on the listening socket we own: the pending accept fails.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(accepting) = self.accepting.take() {
             let _ = accepting.wait();
         }
-        self.shared.close_and_wait(|_| true);
+        self.shared.close(|_| true);
         let exports = std::mem::take(&mut self.shared.lock().exports);
         exports.into_values().map(Arc::unwrap_or_clone).collect()
+    }
+
+    /// Waits until every connection is gone (after [`NbdServer::shut_down`]: when the
+    /// daemon exits).
+    pub fn wait_idle(&self) {
+        self.shared.wait_all();
     }
 }
 

@@ -25,6 +25,9 @@
 //!   beyond [`MAX_PAYLOAD`]) or a failed send stop the reader. Requests in flight always
 //!   finish (a write that started is never cut short); their replies are sent if the
 //!   socket still works; then the connection closes.
+//! - Read buffers are zeroed before the node fills them: buffers are pooled per reactor,
+//!   and a node that may leave them untouched (`null-co` without `read-zeroes`) must not
+//!   hand one client the bytes another client wrote.
 //! - Requests larger than the node's `max_transfer` are split into sequential pieces;
 //!   the whole request is checked first, so a request that fails its checks touches
 //!   nothing.
@@ -42,7 +45,8 @@ use strata_engine::graph::Blk;
 use strata_engine::reactor::{self, ring::Gather};
 use strata_engine::{Buffer, Completion, DriverInfo, Errno, IoFuture, Op, ReqFlags, Request};
 
-/// Most requests in flight per connection before the reader pauses.
+/// Most requests per connection that are running or whose replies wait to be sent
+/// before the reader pauses.
 pub const MAX_IN_FLIGHT: usize = 512;
 /// Most bytes of request data held per connection (read data in flight or waiting to be
 /// sent, write payloads in flight) before the reader pauses.
@@ -124,7 +128,8 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
     loop {
         // Backpressure: bounded work and memory per connection.
         poll_fn(|cx| {
-            if conn.in_flight.get() < MAX_IN_FLIGHT && conn.held.get() < MAX_HELD_BYTES {
+            let unanswered = conn.in_flight.get() + conn.queue.borrow().len();
+            if unanswered < MAX_IN_FLIGHT && conn.held.get() < MAX_HELD_BYTES {
                 Poll::Ready(())
             } else {
                 *conn.reader.borrow_mut() = Some(cx.waker().clone());
@@ -180,13 +185,16 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
 /// Checks a request against the export before anything runs.
 fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusal> {
     // Each flag only where the protocol defines it (and where it was advertised).
-    let allowed = match h.kind {
-        CMD_READ if conn.structured => CMD_FLAG_DF,
-        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-        _ => 0,
-    };
+    // FUA is valid on every command once advertised (the protocol says servers MUST
+    // accept it, and ignore it where nothing is written).
+    let fua = if info.ops.fua() { CMD_FLAG_FUA } else { 0 };
+    let allowed = fua
+        | match h.kind {
+            CMD_READ if conn.structured => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
     if h.flags & !allowed != 0 {
         return Err((EINVAL, "command flags not valid for this command"));
     }
@@ -212,9 +220,6 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
     if h.kind == CMD_BLOCK_STATUS && !conn.base_allocation {
         return Err((EINVAL, "no meta context negotiated"));
     }
-    if h.flags & CMD_FLAG_FUA != 0 && is_write && !ops.fua() {
-        return Err((EINVAL, "FUA not supported by this export"));
-    }
     if h.kind == CMD_FLUSH {
         return Ok(());
     }
@@ -234,6 +239,14 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
     }
     if h.kind == CMD_READ && h.len > MAX_PAYLOAD {
         return Err((EINVAL, "read larger than the maximum block size"));
+    }
+    // The advertised minimum block size (the node's alignment): refused here, as a
+    // client error, rather than by the node (which would report an I/O error).
+    let align = u64::from(info.request_alignment.max(1));
+    if matches!(h.kind, CMD_READ | CMD_WRITE)
+        && (h.offset % align != 0 || u64::from(h.len) % align != 0)
+    {
+        return Err((EINVAL, "request not aligned to the minimum block size"));
     }
     Ok(())
 }
@@ -338,7 +351,7 @@ impl Conn {
                 if len > chunk {
                     return self.spawn_pieces(h, split(h.offset, len, chunk), Vec::new());
                 }
-                Request::read(h.offset, Buffer::new(len as usize))
+                Request::read(h.offset, Buffer::zeroed(len as usize))
             }
             CMD_FLUSH => Request::flush(),
             CMD_TRIM | CMD_WRITE_ZEROES => {
@@ -392,10 +405,11 @@ impl Conn {
         match self.blk.submit(req) {
             IoFuture::Ready(Some(c)) => self.complete(h, c, held),
             fut => {
-                let conn = self.clone();
+                let task = Answer::new(self, h, held);
                 reactor::spawn(async move {
                     let c = fut.await;
-                    conn.complete(h, c, held);
+                    task.conn().complete(h, c, held);
+                    task.answered();
                 });
             }
         }
@@ -406,10 +420,11 @@ impl Conn {
         let held = held_by(&h);
         self.in_flight.set(self.in_flight.get() + 1);
         self.held.set(self.held.get() + held);
-        let conn = self.clone();
+        let task = Answer::new(self, h, held);
         reactor::spawn(async move {
-            let result = conn.run_pieces(&h, pieces, bufs).await;
-            conn.complete_pieces(h, result, held);
+            let result = task.conn().run_pieces(&h, pieces, bufs).await;
+            task.conn().complete_pieces(h, result, held);
+            task.answered();
         });
     }
 
@@ -424,7 +439,7 @@ impl Conn {
         let mut bufs = bufs.into_iter();
         for (offset, len) in pieces {
             let req = match h.kind {
-                CMD_READ => Request::read(offset, Buffer::new(len as usize)),
+                CMD_READ => Request::read(offset, Buffer::zeroed(len as usize)),
                 CMD_WRITE => Request::write(offset, bufs.next().expect("BUG: piece buffer"), flags),
                 CMD_TRIM => Request::discard(offset, len),
                 CMD_WRITE_ZEROES => Request::write_zeroes(offset, len, flags),
@@ -497,6 +512,47 @@ impl Conn {
         };
         self.push(reply);
         self.finished();
+    }
+}
+
+/// A request running as its own task. If the task ends without answering (a driver
+/// panicked and the executor dropped the task), the request is answered with `EIO` so
+/// the connection's counts stay right and it can still close.
+struct Answer {
+    conn: Rc<Conn>,
+    h: RequestHeader,
+    held: usize,
+    done: bool,
+}
+
+impl Answer {
+    fn new(conn: &Rc<Conn>, h: RequestHeader, held: usize) -> Answer {
+        Answer {
+            conn: conn.clone(),
+            h,
+            held,
+            done: false,
+        }
+    }
+
+    fn conn(&self) -> &Rc<Conn> {
+        &self.conn
+    }
+
+    /// The request was answered normally.
+    fn answered(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.release(self.held);
+            let reply = self.conn.error_reply(&self.h, EIO, "internal error");
+            self.conn.push(reply);
+            self.conn.finished();
+        }
     }
 }
 
@@ -684,6 +740,8 @@ async fn write_loop(conn: Rc<Conn>) {
             }
         }
         conn.release(held);
+        // The queue shrank: a reader paused on it may go on.
+        conn.wake_reader();
     }
 }
 

@@ -11,7 +11,7 @@ use super::local::{LocalNode, NodeId};
 use super::state::UserId;
 use crate::driver::IoFuture;
 use crate::errno::Errno;
-use crate::request::{Completion, Op, Request};
+use crate::request::{Completion, Op, ReqFlags, Request};
 use crossbeam_queue::ArrayQueue;
 use std::rc::Rc;
 use std::sync::OnceLock;
@@ -78,10 +78,16 @@ impl Blk {
     /// many requests (an export's connection) can take without a task per request.
     pub fn submit(&self, req: Request) -> IoFuture {
         let op = req.op;
+        // A write-zeroes that must not fall back fails with ENOTSUP by design: that is
+        // an answer for the caller, not an I/O error.
+        let expected = req
+            .flags
+            .contains(ReqFlags::NO_FALLBACK)
+            .then_some(Errno::ENOTSUP);
         match self.node.submit(req) {
             IoFuture::Ready(Some(c)) => {
                 if let Err(errno) = c.result {
-                    report(self.user, self.node.id(), op, errno);
+                    report(self.user, self.node.id(), op, errno, expected);
                 }
                 IoFuture::Ready(Some(c))
             }
@@ -91,7 +97,7 @@ impl Blk {
                 IoFuture::pending(async move {
                     let c = inner.await;
                     if let Err(errno) = c.result {
-                        report(user, node, op, errno);
+                        report(user, node, op, errno, expected);
                     }
                     c
                 })
@@ -100,7 +106,10 @@ impl Blk {
     }
 }
 
-fn report(user: UserId, node: NodeId, op: Op, errno: Errno) {
+fn report(user: UserId, node: NodeId, op: Op, errno: Errno, expected: Option<Errno>) {
+    if expected == Some(errno) {
+        return;
+    }
     let report = IoErrorReport {
         user,
         node,

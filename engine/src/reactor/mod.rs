@@ -596,6 +596,9 @@ fn coalesce_window(core: &Core, window: Duration) {
 
 fn sleep_until_work(core: &Core) {
     if !core.inbox.prepare_sleep() {
+        // Messages are waiting: no sleep, but what the tasks queued still goes out now
+        // (in interrupt mode nothing else submits).
+        core.ring.borrow_mut().submit();
         return;
     }
     let timeout = core
@@ -609,7 +612,9 @@ fn sleep_until_work(core: &Core) {
     } else {
         Some(Duration::from_micros(50))
     };
-    if timeout != Some(Duration::ZERO) {
+    if timeout == Some(Duration::ZERO) {
+        core.ring.borrow_mut().submit();
+    } else {
         core.ring.borrow_mut().submit_and_wait(timeout);
     }
     core.inbox.woke();

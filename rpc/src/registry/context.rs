@@ -39,19 +39,24 @@ pub struct ExportRecord {
     pub user: UserId,
     /// What added it, for `save-config`.
     pub params: super::exports::BlockExportAdd,
+    /// Withdrawn from clients; its connections are finishing their requests. It is
+    /// released (user detached, `BLOCK_EXPORT_DELETED`) once they are gone.
+    pub removing: bool,
 }
 
 /// The state every handler gets.
 #[derive(Debug)]
 pub struct Ctx {
+    /// The NBD server, if started. Declared before `graph`: dropped first.
+    pub nbd: Option<NbdRecord>,
+    /// Stopped NBD servers whose connections are still finishing their requests.
+    pub stopped_nbd: Vec<strata_drivers::nbd::NbdServer>,
+    /// Exports by id.
+    pub exports: BTreeMap<String, ExportRecord>,
     pub graph: Graph,
     pub events: EventBus,
     /// `x-debug-block-user-add` users by their id.
     pub users: BTreeMap<String, DebugUser>,
-    /// The NBD server, if started. Declared before `graph`: dropped first.
-    pub nbd: Option<NbdRecord>,
-    /// Exports by id.
-    pub exports: BTreeMap<String, ExportRecord>,
     pub quit: bool,
     /// The command table, for introspection.
     pub table: Arc<Table>,

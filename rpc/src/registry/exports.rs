@@ -177,7 +177,13 @@ pub fn nbd_server_start(ctx: &mut Ctx, p: NbdServerStart) -> Result<Empty, Comma
     let endpoint = p.addr.endpoint()?;
     let max_connections = u32::try_from(p.max_connections.unwrap_or(0))
         .map_err(|_| CommandError::invalid_params("max-connections is too large"))?;
-    let handshake_max = Duration::from_secs(p.handshake_max_seconds.unwrap_or(10));
+    let handshake_secs = p.handshake_max_seconds.unwrap_or(10);
+    if handshake_secs > u64::from(u32::MAX) {
+        return Err(CommandError::invalid_params(
+            "handshake-max-seconds is too large (at most 4294967295)",
+        ));
+    }
+    let handshake_max = Duration::from_secs(handshake_secs);
     let listener = Listener::bind(&endpoint).map_err(|e| CommandError::new(ErrorCode::Io, e))?;
     let endpoint = listener.endpoint().clone();
     let (fd, file) = listener.into_parts();
@@ -202,25 +208,55 @@ pub fn nbd_server_stop(ctx: &mut Ctx, _: Empty) -> Result<Empty, CommandError> {
     let Some(record) = ctx.nbd.take() else {
         return Err(CommandError::invalid_params("NBD server not running"));
     };
-    let exports = record.server.stop();
-    for spec in exports {
-        retire(ctx, &spec.id);
+    let NbdRecord {
+        mut server, _file, ..
+    } = record;
+    for spec in server.shut_down() {
+        if let Some(e) = ctx.exports.get_mut(&spec.id) {
+            e.removing = true;
+        }
     }
+    // The listening socket is closed and its file goes now, so a new server can take
+    // the path at once; clients still finishing their requests keep the old server.
+    drop(_file);
+    ctx.stopped_nbd.push(server);
+    retire_finished(ctx);
     Ok(Empty {})
 }
 
-/// After the server let go of export `id`: release its permissions and tell clients.
-fn retire(ctx: &mut Ctx, id: &str) {
-    if let Some(record) = ctx.exports.remove(id) {
+/// Releases every withdrawn export none of whose clients is left: detaches its user and
+/// emits `BLOCK_EXPORT_DELETED`. Also drops stopped servers with no clients left. Runs
+/// after the commands that withdraw exports and periodically on the admin thread.
+pub fn retire_finished(ctx: &mut Ctx) {
+    let done: Vec<String> = {
+        let servers: Vec<&NbdServer> = ctx
+            .nbd
+            .iter()
+            .map(|r| &r.server)
+            .chain(ctx.stopped_nbd.iter())
+            .collect();
+        ctx.exports
+            .iter()
+            .filter(|(id, e)| e.removing && servers.iter().all(|s| s.connections_of(id) == 0))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    for id in done {
+        let record = ctx.exports.remove(&id).expect("BUG: export listed above");
         if let Err(e) = ctx.change(|g| g.detach_user(record.user)) {
+            // Keep it listed (and retried) rather than forget a user that still holds
+            // permissions.
             eprintln!("strata: releasing export '{id}' failed: {e}");
+            ctx.exports.insert(id, record);
+            continue;
         }
         ctx.events.emit(
             ExportDeletedEvent::NAME,
-            serde_json::to_value(ExportDeletedEvent { id: id.to_string() })
+            serde_json::to_value(ExportDeletedEvent { id: id.clone() })
                 .expect("BUG: event data serializes"),
         );
     }
+    ctx.stopped_nbd.retain(|s| s.connections() > 0);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -363,8 +399,14 @@ pub fn block_export_add(ctx: &mut Ctx, p: BlockExportAdd) -> Result<Empty, Comma
         let _ = ctx.change(|g| g.detach_user(user));
         return Err(e.into());
     }
-    ctx.exports
-        .insert(p.id.clone(), ExportRecord { user, params: p });
+    ctx.exports.insert(
+        p.id.clone(),
+        ExportRecord {
+            user,
+            params: p,
+            removing: false,
+        },
+    );
     Ok(Empty {})
 }
 
@@ -386,16 +428,32 @@ pub struct BlockExportDel {
     pub mode: ExportDelMode,
 }
 
+/// Withdraws the export at once; it is released (its node's permissions dropped,
+/// `BLOCK_EXPORT_DELETED` emitted) when its last client is gone: right away if it has
+/// none, otherwise once their requests in flight have finished (`shutting-down` in
+/// `query-block-exports` meanwhile), as QEMU does.
 pub fn block_export_del(ctx: &mut Ctx, p: BlockExportDel) -> Result<Empty, CommandError> {
-    let (Some(nbd), true) = (&ctx.nbd, ctx.exports.contains_key(&p.id)) else {
-        return Err(CommandError::new(
+    let not_found = || {
+        CommandError::new(
             ErrorCode::NotFound,
             format!("Export '{}' is not found", p.id),
-        ));
+        )
     };
+    let record = ctx.exports.get(&p.id).ok_or_else(not_found)?;
+    if record.removing {
+        return Err(CommandError::invalid_params(format!(
+            "Export '{}' is already shutting down",
+            p.id
+        )));
+    }
+    let nbd = ctx.nbd.as_ref().ok_or_else(not_found)?;
     nbd.server
         .remove_export(&p.id, p.mode == ExportDelMode::Hard)?;
-    retire(ctx, &p.id);
+    ctx.exports
+        .get_mut(&p.id)
+        .expect("BUG: looked up above")
+        .removing = true;
+    retire_finished(ctx);
     Ok(Empty {})
 }
 
@@ -407,7 +465,7 @@ pub struct BlockExportInfo {
     pub kind: ExportType,
     pub id: String,
     pub node_name: String,
-    /// Always false: removal is synchronous in Strata.
+    /// Removed, waiting for its clients' requests in flight to finish.
     pub shutting_down: bool,
 }
 
@@ -424,7 +482,7 @@ pub fn query_block_exports(ctx: &mut Ctx, _: Empty) -> Result<Vec<BlockExportInf
                 .get(&r.user)
                 .map(|u| state.node(u.node).name.clone())
                 .unwrap_or_default(),
-            shutting_down: false,
+            shutting_down: r.removing,
         })
         .collect())
 }

@@ -199,6 +199,7 @@ impl Registry {
                 events,
                 users: BTreeMap::new(),
                 nbd: None,
+                stopped_nbd: Vec::new(),
                 exports: BTreeMap::new(),
                 quit: false,
                 table: table.clone(),
@@ -291,11 +292,22 @@ impl Registry {
         self.ctx.quit
     }
 
-    /// Stops the NBD server (clients are disconnected once their requests finish), then
-    /// flushes and closes every node and stops the reactors.
+    /// Releases exports whose last connection has gone (after `block-export-del` or
+    /// `nbd-server-stop`), emitting `BLOCK_EXPORT_DELETED`. The admin thread calls this
+    /// periodically.
+    pub fn poll_exports(&mut self) {
+        exports::retire_finished(&mut self.ctx);
+    }
+
+    /// Stops the NBD server and waits until its clients are gone (after their requests
+    /// in flight finish), then flushes and closes every node and stops the reactors.
     pub fn shutdown(mut self) {
-        if let Some(nbd) = self.ctx.nbd.take() {
-            nbd.server.stop();
+        if let Some(mut nbd) = self.ctx.nbd.take() {
+            nbd.server.shut_down();
+            self.ctx.stopped_nbd.push(nbd.server);
+        }
+        for server in self.ctx.stopped_nbd.drain(..) {
+            server.wait_idle();
         }
         self.ctx.graph.shutdown();
     }

@@ -1274,12 +1274,35 @@ fn export_del_safe_refuses_while_a_client_is_connected_and_hard_disconnects_it()
         e.message,
         "export 'e0' still in use (use mode 'hard' to disconnect its clients)"
     );
+    h.events();
     h.ok("block-export-del", json!({"id": "e0", "mode": "hard"}));
     let mut rest = Vec::new();
     assert_eq!(
         client.read_to_end(&mut rest).expect("EOF, not an error"),
         0,
         "the client is disconnected"
+    );
+    // The export is released once its connection has finished, by the admin thread's
+    // periodic poll (called by hand here); until then it is shutting down.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        h.reg().poll_exports();
+        let list = h.ok("query-block-exports", Value::Null);
+        if list == json!([]) {
+            break;
+        }
+        assert_eq!(list[0]["shutting-down"], true, "{list}");
+        let e = h.err("block-export-del", json!({"id": "e0", "mode": "hard"}));
+        assert_eq!(e.message, "Export 'e0' is already shutting down");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export never released"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        h.events(),
+        vec![("BLOCK_EXPORT_DELETED".to_string(), json!({"id": "e0"}))]
     );
     assert_eq!(h.ok("query-nbd-server", Value::Null)["connections"], 0);
     h.ok("blockdev-del", json!({"node-name": "n"}));
@@ -1336,6 +1359,11 @@ fn nbd_server_addresses_in_both_qapi_forms_and_their_errors() {
             (ErrorCode::InvalidParams, msg)
         );
     }
+    let e = h.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": "/x"}, "handshake-max-seconds": u64::MAX}),
+    );
+    assert_eq!(e.code, ErrorCode::InvalidParams);
     let e = h.err(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "path": "/x"}, "tls-creds": "t0"}),

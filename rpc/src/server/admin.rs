@@ -33,7 +33,8 @@ pub trait Commands {
     /// Flushes and closes everything.
     fn shutdown(self);
     /// Periodic work between commands (every [`POLL_INTERVAL`] while idle, and after
-    /// each command): emitting events the reactors reported.
+    /// each command): emitting events the reactors reported, releasing exports whose
+    /// clients have gone.
     fn poll(&mut self) {}
 }
 
@@ -56,6 +57,7 @@ impl Commands for Registry {
 
     fn poll(&mut self) {
         self.poll_io_errors();
+        self.poll_exports();
     }
 }
 
