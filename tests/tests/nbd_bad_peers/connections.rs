@@ -107,6 +107,40 @@ fn a_client_that_never_reads_replies_does_not_grow_the_daemon() {
 }
 
 #[test]
+fn a_flood_of_small_requests_whose_replies_are_never_read_stays_bounded() {
+    // Replies without data (errors here) are cheap each, but half a million of them
+    // owed to a client that reads none must not pile up in the daemon.
+    let mut server = start("");
+    let (mut bad, _) = Client::connect_go(server.addr(), EXPORT, false);
+    bad.set_timeout(Duration::from_secs(2));
+    let before = server.rss();
+    let mut requests = Vec::new();
+    for i in 0..500_000u64 {
+        let req = Request {
+            flags: 0,
+            kind: 42,
+            cookie: i,
+            offset: 0,
+            len: 4096,
+        };
+        requests.extend_from_slice(&req.bytes());
+    }
+    // Backpressure shows as a send that cannot finish.
+    let _ = bad.try_send(&requests);
+    let (mut good, _) = Client::connect_go(server.addr(), EXPORT, true);
+    round_trip(&mut good, SERVING_AREA - 4096, 7);
+    let grown = server.rss().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "VmRSS grew by {} MiB for a client that reads no replies",
+        grown >> 20
+    );
+    good.disconnect();
+    drop(bad);
+    still_serving(&mut server);
+}
+
+#[test]
 fn a_silent_client_is_dropped_after_the_handshake_limit_and_blocks_nobody() {
     let mut server = start(",handshake-max-seconds=1");
     // A client already in the transmission phase is not subject to the limit.
