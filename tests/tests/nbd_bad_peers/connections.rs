@@ -141,6 +141,24 @@ fn a_flood_of_small_requests_whose_replies_are_never_read_stays_bounded() {
 }
 
 #[test]
+fn an_export_with_idle_clients_sleeps() {
+    // Idle means idle: connected clients that send nothing cost no CPU (two reactors,
+    // so the connections land on both, plus the accept loop on reactor 0).
+    let mut server = start_with(Listen::Unix, "", &["-m", "[0,1]", "--no-pin"]);
+    let clients: Vec<Client> = (0..4)
+        .map(|_| Client::connect_go(server.addr(), EXPORT, true).0)
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = strata_tests::cpu_ticks(server.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = strata_tests::cpu_ticks(server.pid()) - before;
+    // Clock ticks are 10 ms: a spinning reactor would burn about 200 of them.
+    assert!(used <= 10, "an idle NBD server used {used} ticks in 2 s");
+    drop(clients);
+    still_serving(&mut server);
+}
+
+#[test]
 fn a_silent_client_is_dropped_after_the_handshake_limit_and_blocks_nobody() {
     let mut server = start(",handshake-max-seconds=1");
     // A client already in the transmission phase is not subject to the limit.
