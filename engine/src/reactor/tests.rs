@@ -398,3 +398,44 @@ fn a_stopped_reactor_cancels_requests_instead_of_hanging() {
         "the other reactor still serves"
     );
 }
+
+#[test]
+fn a_coalescing_interrupt_reactor_runs_io_timers_and_messages_and_sleeps_when_idle() {
+    let e = Engine::start(EngineConfig {
+        cores: cpus(2),
+        poll_mode: PollMode::Interrupt,
+        coalesce: Duration::from_micros(200),
+        pin: false,
+        ..Default::default()
+    })
+    .expect("engine start");
+    // A busy stream of ring ops and cross-reactor messages goes through the windows.
+    let done = e
+        .spawn(0, || async {
+            let mut n = 0;
+            for _ in 0..500 {
+                let (res, _) = crate::reactor::ring::timeout(Duration::from_micros(10)).await;
+                assert_eq!(res, -libc::ETIME);
+                n += call(1, id).await.unwrap();
+            }
+            n
+        })
+        .wait_timeout(Duration::from_secs(30))
+        .expect("the stream finishes");
+    assert_eq!(done, 500);
+    // A timer due inside a window fires in time (the window is cut short for it).
+    let start = std::time::Instant::now();
+    e.spawn(0, || crate::reactor::sleep(Duration::from_millis(5)))
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the timer fires");
+    assert!(start.elapsed() >= Duration::from_millis(5));
+    // And once idle it sleeps instead of opening windows.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = process_cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = process_cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(200),
+        "idle coalescing engine used {used:?} of CPU in 1 s"
+    );
+}
