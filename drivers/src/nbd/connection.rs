@@ -27,6 +27,8 @@ pub struct Session {
     pub export: Arc<ExportSpec>,
     pub blk: Blk,
     pub structured: bool,
+    /// Extended headers (implies structured replies).
+    pub extended: bool,
     pub base_allocation: bool,
 }
 
@@ -95,6 +97,7 @@ async fn negotiate(shared: &Shared, id: u64, fd: RawFd, r: &mut Reader) -> Optio
         fd,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
+        extended: false,
         meta: None,
     };
     loop {
@@ -112,6 +115,7 @@ struct Haggle<'a> {
     fd: RawFd,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// The export name `base:allocation` was selected for, if it was.
     meta: Option<String>,
 }
@@ -192,6 +196,29 @@ impl Haggle<'_> {
                 }
                 Ok(None)
             }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    self.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    )
+                    .await?;
+                } else if self.extended {
+                    self.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "extended headers already negotiated",
+                    )
+                    .await?;
+                } else {
+                    // Extended headers carry structured replies.
+                    self.extended = true;
+                    self.structured = true;
+                    self.reply(option, REP_ACK, &[]).await?;
+                }
+                Ok(None)
+            }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 self.meta_context(option, &data).await.map(|_| None)
             }
@@ -231,6 +258,7 @@ impl Haggle<'_> {
                 export,
                 blk,
                 structured: self.structured,
+                extended: self.extended,
                 base_allocation,
             },
             info,

@@ -27,6 +27,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -62,6 +63,9 @@ pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 // Requests.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const REQUEST_LEN: usize = 28;
+/// Extended headers (`NBD_OPT_EXTENDED_HEADERS`): 32-byte requests with a 64-bit length.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
@@ -81,10 +85,14 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// Extended reply chunks: magic, flags, type, cookie, request offset, 64-bit length.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+pub const EXTENDED_REPLY_LEN: usize = 32;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // Block status (base:allocation).
@@ -127,18 +135,19 @@ pub fn wire_error(e: Errno) -> u32 {
     }
 }
 
-/// A transmission request header, decoded.
+/// A transmission request header, decoded (compact or extended: the length is 64 bits
+/// either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHeader {
     pub flags: u16,
     pub kind: u16,
     pub cookie: u64,
     pub offset: u64,
-    pub len: u32,
+    pub len: u64,
 }
 
 impl RequestHeader {
-    /// Decodes 28 bytes; `None` if the magic is wrong.
+    /// Decodes a compact (28-byte) header; `None` if the magic is wrong.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<RequestHeader> {
         if be32(&b[0..4]) != REQUEST_MAGIC {
             return None;
@@ -148,10 +157,25 @@ impl RequestHeader {
             kind: u16::from_be_bytes([b[6], b[7]]),
             cookie: be64(&b[8..16]),
             offset: be64(&b[16..24]),
-            len: be32(&b[24..28]),
+            len: u64::from(be32(&b[24..28])),
         })
     }
 
+    /// Decodes an extended (32-byte) header; `None` if the magic is wrong.
+    pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Option<RequestHeader> {
+        if be32(&b[0..4]) != EXTENDED_REQUEST_MAGIC {
+            return None;
+        }
+        Some(RequestHeader {
+            flags: u16::from_be_bytes([b[4], b[5]]),
+            kind: u16::from_be_bytes([b[6], b[7]]),
+            cookie: be64(&b[8..16]),
+            offset: be64(&b[16..24]),
+            len: be64(&b[24..32]),
+        })
+    }
+
+    /// The compact encoding (the length must fit in 32 bits).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -159,7 +183,8 @@ impl RequestHeader {
         b[6..8].copy_from_slice(&self.kind.to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        let len = u32::try_from(self.len).expect("BUG: compact request over 4 GiB");
+        b[24..28].copy_from_slice(&len.to_be_bytes());
         b
     }
 }
@@ -235,6 +260,13 @@ mod tests {
         let mut bad = b;
         bad[0] ^= 1;
         assert_eq!(RequestHeader::decode(&bad), None);
+        let mut ext = [0u8; EXTENDED_REQUEST_LEN];
+        ext[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        ext[6..8].copy_from_slice(&CMD_TRIM.to_be_bytes());
+        ext[24..32].copy_from_slice(&(5u64 << 32).to_be_bytes());
+        let e = RequestHeader::decode_extended(&ext).unwrap();
+        assert_eq!((e.kind, e.len), (CMD_TRIM, 5 << 32));
+        assert_eq!(RequestHeader::decode(&b[..].try_into().unwrap()), Some(h));
     }
 
     #[test]

@@ -74,6 +74,7 @@ struct Conn {
     fd: RawFd,
     blk: Blk,
     structured: bool,
+    extended: bool,
     base_allocation: bool,
     writable: bool,
     queue: RefCell<VecDeque<OutReply>>,
@@ -93,6 +94,7 @@ pub async fn run(session: Session, reader: Reader, fd: RawFd) {
         fd,
         blk: session.blk,
         structured: session.structured,
+        extended: session.extended,
         base_allocation: session.base_allocation,
         writable: session.export.writable,
         queue: RefCell::new(VecDeque::new()),
@@ -137,11 +139,21 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
             }
         })
         .await;
-        if conn.dead.get() || r.fill(REQUEST_LEN).await.is_err() {
+        let header_len = if conn.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
+        if conn.dead.get() || r.fill(header_len).await.is_err() {
             return;
         }
-        let bytes: &[u8; REQUEST_LEN] = r.take(REQUEST_LEN).try_into().expect("BUG: header");
-        let Some(h) = RequestHeader::decode(bytes) else {
+        let bytes = r.take(header_len);
+        let decoded = if conn.extended {
+            RequestHeader::decode_extended(bytes.try_into().expect("BUG: header"))
+        } else {
+            RequestHeader::decode(bytes.try_into().expect("BUG: header"))
+        };
+        let Some(h) = decoded else {
             return;
         };
         let Some(info) = conn.blk.node().info() else {
@@ -153,18 +165,18 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
         }
         let checked = check(conn, &h, &info);
         if h.kind == CMD_WRITE {
-            if h.len > MAX_PAYLOAD {
+            if h.len > u64::from(MAX_PAYLOAD) {
                 return;
             }
             if let Err((e, msg)) = checked {
                 // The payload is read (and dropped) so the next request is found.
-                if r.skip(u64::from(h.len)).await.is_err() {
+                if r.skip(h.len).await.is_err() {
                     return;
                 }
                 conn.refuse(&h, e, msg);
                 continue;
             }
-            let pieces = split(h.offset, u64::from(h.len), chunk_size(&info));
+            let pieces = split(h.offset, h.len, chunk_size(&info));
             let mut bufs = Vec::with_capacity(pieces.len());
             for &(_, len) in &pieces {
                 match r.read_into(Buffer::new(len as usize)).await {
@@ -228,7 +240,7 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
     }
     let end = h
         .offset
-        .checked_add(u64::from(h.len))
+        .checked_add(h.len)
         .ok_or((EINVAL, "offset + length overflows"))?;
     if end > info.size {
         return Err(if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -237,15 +249,13 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
             (EINVAL, "request beyond the end of the export")
         });
     }
-    if h.kind == CMD_READ && h.len > MAX_PAYLOAD {
+    if h.kind == CMD_READ && h.len > u64::from(MAX_PAYLOAD) {
         return Err((EINVAL, "read larger than the maximum block size"));
     }
     // The advertised minimum block size (the node's alignment): refused here, as a
     // client error, rather than by the node (which would report an I/O error).
     let align = u64::from(info.request_alignment.max(1));
-    if matches!(h.kind, CMD_READ | CMD_WRITE)
-        && (h.offset % align != 0 || u64::from(h.len) % align != 0)
-    {
+    if matches!(h.kind, CMD_READ | CMD_WRITE) && (h.offset % align != 0 || h.len % align != 0) {
         return Err((EINVAL, "request not aligned to the minimum block size"));
     }
     Ok(())
@@ -333,18 +343,14 @@ impl Conn {
     }
 
     fn error_reply(&self, h: &RequestHeader, error: u32, message: &str) -> OutReply {
-        let mut out = Header::new();
-        if self.structured {
-            out.error_chunk(h.cookie, error, message);
-        } else {
-            out.simple(error, h.cookie);
-        }
+        let mut out = Header::new(self, h);
+        out.error(error, message);
         out.reply(Data::None, 0)
     }
 
     /// Starts a checked request other than a write.
     fn start(self: &Rc<Self>, h: RequestHeader, info: &DriverInfo) {
-        let len = u64::from(h.len);
+        let len = h.len;
         let req = match h.kind {
             CMD_READ => {
                 let chunk = chunk_size(info);
@@ -374,8 +380,8 @@ impl Conn {
             CMD_CACHE => {
                 // A prefetch hint: the checks passed, nothing needs doing for the
                 // drivers Strata has (their reads do not get faster for it).
-                let mut out = Header::new();
-                out.simple(0, h.cookie);
+                let mut out = Header::new(self, &h);
+                out.done();
                 return self.push(out.reply(Data::None, 0));
             }
             _ => unreachable!("BUG: unchecked command {}", h.kind),
@@ -458,7 +464,7 @@ impl Conn {
     }
 
     fn complete(&self, h: RequestHeader, c: Completion, held: usize) {
-        let mut out = Header::new();
+        let mut out = Header::new(self, &h);
         let reply = match (c.result, h.kind) {
             (Err(e), _) => {
                 self.release(held);
@@ -466,26 +472,20 @@ impl Conn {
             }
             (Ok(()), CMD_READ) => {
                 let buf = c.req.buf.expect("BUG: read without its buffer");
-                out.read_ok(self.structured, &h);
+                out.read_ok(h.len);
                 out.reply(Data::One(buf, h.len as usize), held)
             }
             (Ok(()), CMD_BLOCK_STATUS) => {
-                let descriptors = descriptors(&c.req, h.flags & CMD_FLAG_REQ_ONE != 0);
-                let n = descriptors.len() / 8;
-                out.chunk(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_BLOCK_STATUS,
-                    h.cookie,
-                    4 + 8 * n as u32,
-                );
-                out.put(&BASE_ALLOCATION_ID.to_be_bytes());
+                let one = h.flags & CMD_FLAG_REQ_ONE != 0;
+                let descriptors = descriptors(&c.req, one, self.extended);
+                out.block_status(descriptors.len());
                 let len = descriptors.len();
                 out.reply(Data::One(Buffer::from_slice(&descriptors), len), 0)
             }
             (Ok(()), _) => {
                 // A write's payload is freed with its request.
                 self.release(held);
-                out.simple(0, h.cookie);
+                out.done();
                 out.reply(Data::None, 0)
             }
         };
@@ -494,19 +494,19 @@ impl Conn {
     }
 
     fn complete_pieces(&self, h: RequestHeader, result: Result<Vec<Buffer>, Errno>, held: usize) {
-        let mut out = Header::new();
+        let mut out = Header::new(self, &h);
         let reply = match result {
             Err(e) => {
                 self.release(held);
                 self.error_reply(&h, wire_error(e), e.name())
             }
             Ok(bufs) if h.kind == CMD_READ => {
-                out.read_ok(self.structured, &h);
+                out.read_ok(h.len);
                 out.reply(Data::Many(bufs), held)
             }
             Ok(_) => {
                 self.release(held);
-                out.simple(0, h.cookie);
+                out.done();
                 out.reply(Data::None, 0)
             }
         };
@@ -560,14 +560,16 @@ impl Drop for Answer {
 /// reply is sent, a write's payload until it completes.
 fn held_by(h: &RequestHeader) -> usize {
     match h.kind {
+        // Both at most MAX_PAYLOAD (checked before they start).
         CMD_READ | CMD_WRITE => h.len as usize,
         _ => 0,
     }
 }
 
 /// `base:allocation` descriptors (length, flags) for a block-status result, merged
-/// where neighbours are equal and clipped to the request.
-fn descriptors(req: &Request, one: bool) -> Vec<u8> {
+/// where neighbours are equal and clipped to the request: 32-bit fields, or 64-bit
+/// ones with extended headers.
+fn descriptors(req: &Request, one: bool, extended: bool) -> Vec<u8> {
     let end = req.offset + req.len;
     let mut merged: Vec<(u64, u32)> = Vec::new();
     let mut at = req.offset;
@@ -599,26 +601,41 @@ fn descriptors(req: &Request, one: bool) -> Vec<u8> {
     if one {
         merged.truncate(1);
     }
-    let mut out = Vec::with_capacity(merged.len() * 8);
+    let mut out = Vec::with_capacity(merged.len() * 16);
     for (len, flags) in merged {
-        // Lengths fit: a block-status request is never longer than 32 bits.
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-        out.extend_from_slice(&flags.to_be_bytes());
+        if extended {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&u64::from(flags).to_be_bytes());
+        } else {
+            // Lengths fit: a compact block-status request is at most 32 bits long.
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
     }
     out
 }
 
-/// A reply header being built.
+/// A reply header being built for one request, in the form the connection negotiated:
+/// simple replies, structured chunks, or extended chunks (which also carry the
+/// request's offset and a 64-bit length, and replace simple replies altogether).
 struct Header {
     bytes: [u8; HEADER_MAX],
     len: usize,
+    structured: bool,
+    extended: bool,
+    cookie: u64,
+    offset: u64,
 }
 
 impl Header {
-    fn new() -> Header {
+    fn new(conn: &Conn, h: &RequestHeader) -> Header {
         Header {
             bytes: [0; HEADER_MAX],
             len: 0,
+            structured: conn.structured,
+            extended: conn.extended,
+            cookie: h.cookie,
+            offset: h.offset,
         }
     }
 
@@ -627,40 +644,80 @@ impl Header {
         self.len += b.len();
     }
 
-    fn simple(&mut self, error: u32, cookie: u64) {
+    fn simple(&mut self, error: u32) {
         self.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         self.put(&error.to_be_bytes());
-        self.put(&cookie.to_be_bytes());
+        self.put(&self.cookie.to_be_bytes());
     }
 
-    fn chunk(&mut self, flags: u16, kind: u16, cookie: u64, len: u32) {
-        self.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        self.put(&flags.to_be_bytes());
-        self.put(&kind.to_be_bytes());
-        self.put(&cookie.to_be_bytes());
-        self.put(&len.to_be_bytes());
+    fn chunk(&mut self, flags: u16, kind: u16, payload: u64) {
+        if self.extended {
+            self.put(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+            self.put(&flags.to_be_bytes());
+            self.put(&kind.to_be_bytes());
+            self.put(&self.cookie.to_be_bytes());
+            self.put(&self.offset.to_be_bytes());
+            self.put(&payload.to_be_bytes());
+        } else {
+            self.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            self.put(&flags.to_be_bytes());
+            self.put(&kind.to_be_bytes());
+            self.put(&self.cookie.to_be_bytes());
+            // Structured payloads are at most MAX_PAYLOAD plus a small header.
+            self.put(&(payload as u32).to_be_bytes());
+        }
     }
 
-    fn error_chunk(&mut self, cookie: u64, error: u32, message: &str) {
-        let room = HEADER_MAX - STRUCTURED_REPLY_LEN - 6;
+    /// Success of a request without data: a simple reply where allowed (shorter).
+    fn done(&mut self) {
+        if self.extended {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
+        } else {
+            self.simple(0);
+        }
+    }
+
+    /// Failure: an error chunk once structured replies are negotiated.
+    fn error(&mut self, error: u32, message: &str) {
+        if !self.structured {
+            return self.simple(error);
+        }
+        let header = if self.extended {
+            EXTENDED_REPLY_LEN
+        } else {
+            STRUCTURED_REPLY_LEN
+        };
+        let room = HEADER_MAX - header - 6;
         let msg = &message.as_bytes()[..message.len().min(room)];
-        self.chunk(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_ERROR,
-            cookie,
-            6 + msg.len() as u32,
-        );
+        self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
         self.put(&error.to_be_bytes());
         self.put(&(msg.len() as u16).to_be_bytes());
         self.put(msg);
     }
 
-    fn read_ok(&mut self, structured: bool, h: &RequestHeader) {
-        if structured {
-            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h.cookie, 8 + h.len);
-            self.put(&h.offset.to_be_bytes());
+    /// A successful read of `len` bytes (the data follows the header).
+    fn read_ok(&mut self, len: u64) {
+        if self.structured {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + len);
+            self.put(&self.offset.to_be_bytes());
         } else {
-            self.simple(0, h.cookie);
+            self.simple(0);
+        }
+    }
+
+    /// A `base:allocation` answer whose descriptors (`bytes` long) follow.
+    fn block_status(&mut self, bytes: usize) {
+        if self.extended {
+            self.chunk(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                8 + bytes as u64,
+            );
+            self.put(&BASE_ALLOCATION_ID.to_be_bytes());
+            self.put(&((bytes / 16) as u32).to_be_bytes());
+        } else {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 4 + bytes as u64);
+            self.put(&BASE_ALLOCATION_ID.to_be_bytes());
         }
     }
 
@@ -787,13 +844,16 @@ mod tests {
                 state: hole,
             },
         ];
-        let d = descriptors(&req, false);
+        let d = descriptors(&req, false, false);
         assert_eq!(d.len(), 16);
         assert_eq!((be32(&d[0..4]), be32(&d[4..8])), (100, 0));
         assert_eq!(
             (be32(&d[8..12]), be32(&d[12..16])),
             (200, STATE_HOLE | STATE_ZERO)
         );
-        assert_eq!(descriptors(&req, true).len(), 8);
+        assert_eq!(descriptors(&req, true, false).len(), 8);
+        let ext = descriptors(&req, false, true);
+        assert_eq!(ext.len(), 32);
+        assert_eq!((be64(&ext[16..24]), be64(&ext[24..32])), (200, 3));
     }
 }
