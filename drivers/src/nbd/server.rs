@@ -79,6 +79,9 @@ struct ConnEntry {
 struct Inner {
     /// Exports by name.
     exports: BTreeMap<String, Arc<ExportSpec>>,
+    /// When each export was added (a sequence number), for listing in that order.
+    added: BTreeMap<String, u64>,
+    next_added: u64,
     conns: BTreeMap<u64, ConnEntry>,
     next_conn: u64,
     stopping: bool,
@@ -153,9 +156,13 @@ impl Shared {
         self.lock().stopping
     }
 
-    /// Every export, for `NBD_OPT_LIST`.
+    /// Every export in the order they were added (as QEMU lists them), for
+    /// `NBD_OPT_LIST`.
     pub(super) fn list(&self) -> Vec<Arc<ExportSpec>> {
-        self.lock().exports.values().cloned().collect()
+        let inner = self.lock();
+        let mut all: Vec<_> = inner.exports.values().cloned().collect();
+        all.sort_by_key(|e| inner.added.get(&e.name).copied());
+        all
     }
 
     /// Shuts down the sockets of the connections `pick` selects: each stops reading,
@@ -236,6 +243,9 @@ impl NbdServer {
                 spec.name
             )));
         }
+        let seq = inner.next_added;
+        inner.next_added += 1;
+        inner.added.insert(spec.name.clone(), seq);
         inner.exports.insert(spec.name.clone(), Arc::new(spec));
         Ok(())
     }
@@ -286,6 +296,7 @@ impl NbdServer {
                 ));
             }
             // Removed first: no new client can attach while the old ones go.
+            inner.added.remove(&name);
             inner.exports.remove(&name).expect("BUG: export vanished")
         };
         self.shared.close(|c| c.export.as_deref() == Some(id));
@@ -304,7 +315,11 @@ impl NbdServer {
             let _ = accepting.wait();
         }
         self.shared.close(|_| true);
-        let exports = std::mem::take(&mut self.shared.lock().exports);
+        let exports = {
+            let mut inner = self.shared.lock();
+            inner.added.clear();
+            std::mem::take(&mut inner.exports)
+        };
         exports.into_values().map(Arc::unwrap_or_clone).collect()
     }
 
