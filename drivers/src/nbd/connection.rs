@@ -390,16 +390,21 @@ fn truncate(s: &str) -> &str {
     &s[..end]
 }
 
-/// `NBD_OPT_INFO`/`GO` data: name length, name, number of info requests, requests.
-fn parse_info_request(d: &[u8]) -> Option<(String, Vec<u16>)> {
-    let name_len = be32(d.get(0..4)?) as usize;
-    if name_len > MAX_STRING {
+/// A string with a 32-bit length in front, at `d[at..]`: the string and the offset
+/// after it. `None` if it is cut short, too long or not UTF-8.
+fn parse_string(d: &[u8], at: usize) -> Option<(String, usize)> {
+    let len = be32(d.get(at..at + 4)?) as usize;
+    if len > MAX_STRING {
         return None;
     }
-    let name = std::str::from_utf8(d.get(4..4 + name_len)?)
-        .ok()?
-        .to_string();
-    let rest = &d[4 + name_len..];
+    let text = std::str::from_utf8(d.get(at + 4..at + 4 + len)?).ok()?;
+    Some((text.to_string(), at + 4 + len))
+}
+
+/// `NBD_OPT_INFO`/`GO` data: name length, name, number of info requests, requests.
+fn parse_info_request(d: &[u8]) -> Option<(String, Vec<u16>)> {
+    let (name, at) = parse_string(d, 0)?;
+    let rest = &d[at..];
     let n = be16(rest.get(0..2)?) as usize;
     if rest.len() != 2 + 2 * n {
         return None;
@@ -410,25 +415,14 @@ fn parse_info_request(d: &[u8]) -> Option<(String, Vec<u16>)> {
 
 /// Meta context data: name length, name, number of queries, queries (length + text).
 fn parse_meta_request(d: &[u8]) -> Option<(String, Vec<String>)> {
-    let name_len = be32(d.get(0..4)?) as usize;
-    if name_len > MAX_STRING {
-        return None;
-    }
-    let name = std::str::from_utf8(d.get(4..4 + name_len)?)
-        .ok()?
-        .to_string();
-    let mut at = 4 + name_len;
+    let (name, mut at) = parse_string(d, 0)?;
     let n = be32(d.get(at..at + 4)?) as usize;
     at += 4;
     let mut queries = Vec::new();
     for _ in 0..n {
-        let len = be32(d.get(at..at + 4)?) as usize;
-        at += 4;
-        if len > MAX_STRING {
-            return None;
-        }
-        queries.push(std::str::from_utf8(d.get(at..at + len)?).ok()?.to_string());
-        at += len;
+        let (query, next) = parse_string(d, at)?;
+        queries.push(query);
+        at = next;
     }
     (at == d.len()).then_some((name, queries))
 }

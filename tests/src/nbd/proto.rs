@@ -2,6 +2,9 @@
 //! reply types, commands and error values, with the section of doc/proto.md
 //! (NetworkBlockDevice/nbd) each group comes from, and the encoders a test needs to
 //! build an option or a request, well-formed or not.
+//!
+//! Written apart from the server's own `drivers/src/nbd/proto.rs` on purpose: the tests
+//! check the server against the specification, so a wrong constant on one side shows.
 
 // Handshake magics (proto.md "Newstyle negotiation", "Fixed newstyle negotiation").
 /// `NBDMAGIC`, first in the server's greeting.
