@@ -58,7 +58,7 @@ pub(super) async fn serve(shared: Arc<Shared>, id: u64, fd: Arc<OwnedFd>) {
     let session = negotiate(&shared, id, raw, &mut reader).await;
     negotiated.set(true);
     if let Some(session) = session {
-        transmission::run(session, reader, raw).await;
+        transmission::run(session, reader, fd.clone()).await;
     }
 }
 
@@ -175,6 +175,14 @@ impl Haggle<'_> {
                 self.reply(option, REP_ACK, &[]).await.map(|_| None)
             }
             OPT_INFO | OPT_GO => self.info_or_go(option, &data).await,
+            OPT_STRUCTURED_REPLY if self.extended => self
+                .error(
+                    option,
+                    REP_ERR_EXT_HEADER_REQD,
+                    "extended headers are negotiated already",
+                )
+                .await
+                .map(|_| None),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     self.error(

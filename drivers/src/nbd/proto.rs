@@ -41,6 +41,7 @@ pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
 // Information types (NBD_REP_INFO).
 pub const INFO_EXPORT: u16 = 0;
@@ -79,6 +80,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the request's length is the length of a payload that follows.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Replies.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;

@@ -38,8 +38,9 @@ use super::socket::{Reader, send_all};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use strata_engine::graph::Blk;
 use strata_engine::reactor::{self, ring::Gather};
@@ -71,7 +72,9 @@ enum Data {
 }
 
 struct Conn {
-    fd: RawFd,
+    /// The socket, held so its descriptor number stays this connection's while any of
+    /// its tasks (writer, requests) lives.
+    fd: Arc<OwnedFd>,
     blk: Blk,
     structured: bool,
     extended: bool,
@@ -89,7 +92,7 @@ struct Conn {
 }
 
 /// Runs the transmission phase until the connection ends.
-pub async fn run(session: Session, reader: Reader, fd: RawFd) {
+pub async fn run(session: Session, reader: Reader, fd: Arc<OwnedFd>) {
     let conn = Rc::new(Conn {
         fd,
         blk: session.blk,
@@ -106,6 +109,9 @@ pub async fn run(session: Session, reader: Reader, fd: RawFd) {
         dead: Cell::new(false),
     });
     let writer = reactor::spawn_with_reply(write_loop(conn.clone()));
+    // If this task is dropped early (a driver panicked under the reader), the writer and
+    // the requests still running must not go on sending: mark the connection dead.
+    let _ended = Ended(conn.clone());
     read_loop(&conn, reader).await;
     conn.closing.set(true);
     conn.wake_writer();
@@ -120,6 +126,18 @@ pub async fn run(session: Session, reader: Reader, fd: RawFd) {
         }
     })
     .await;
+}
+
+/// Marks the connection dead when the transmission task goes, however it goes; after a
+/// normal end the writer has already finished and this changes nothing.
+struct Ended(Rc<Conn>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.dead.set(true);
+        self.0.closing.set(true);
+        self.0.wake_writer();
+    }
 }
 
 /// The protocol error (and a message for structured replies) of a request that fails
@@ -163,6 +181,15 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
         if h.kind == CMD_DISC {
             return;
         }
+        if conn.extended && h.kind != CMD_WRITE && h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            // A payload this server never offered (block status with payload): read
+            // past it so the next request is found, then refuse.
+            if h.len > u64::from(MAX_PAYLOAD) || r.skip(h.len).await.is_err() {
+                return;
+            }
+            conn.refuse(&h, EINVAL, "unexpected payload");
+            continue;
+        }
         let checked = check(conn, &h, &info);
         if h.kind == CMD_WRITE {
             if h.len > u64::from(MAX_PAYLOAD) {
@@ -176,9 +203,9 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
                 conn.refuse(&h, e, msg);
                 continue;
             }
-            let pieces = split(h.offset, h.len, chunk_size(&info));
-            let mut bufs = Vec::with_capacity(pieces.len());
-            for &(_, len) in &pieces {
+            let pieces = split(h.offset, h.len, chunk_size(&info, true));
+            let mut bufs = Vec::new();
+            for (_, len) in pieces {
                 match r.read_into(Buffer::new(len as usize)).await {
                     Ok(b) => bufs.push(b),
                     Err(_) => return,
@@ -203,6 +230,8 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
     let allowed = fua
         | match h.kind {
             CMD_READ if conn.structured => CMD_FLAG_DF,
+            // Extended-header clients mark the payload of a write (the spec asks them to).
+            CMD_WRITE if conn.extended => CMD_FLAG_PAYLOAD_LEN,
             CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
             CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
             _ => 0,
@@ -261,24 +290,49 @@ fn check(conn: &Conn, h: &RequestHeader, info: &DriverInfo) -> Result<(), Refusa
     Ok(())
 }
 
-/// The largest piece of one request for a node: its `max_transfer`, in whole
-/// alignment units.
-fn chunk_size(info: &DriverInfo) -> u64 {
+/// The largest piece of one request for a node: its `max_transfer` in whole alignment
+/// units, and for data (reads and writes, which hold buffers) at most [`MAX_PAYLOAD`].
+fn chunk_size(info: &DriverInfo, data: bool) -> u64 {
     let align = u64::from(info.request_alignment.max(1));
-    let max = info.max_transfer.min(u64::from(MAX_PAYLOAD)).max(align);
+    let cap = if data {
+        u64::from(MAX_PAYLOAD)
+    } else {
+        u64::MAX
+    };
+    let max = info.max_transfer.min(cap).max(align);
     max / align * align
 }
 
-/// `(offset, len)` pieces of at most `chunk` bytes covering the range.
-fn split(offset: u64, len: u64, chunk: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::with_capacity(len.div_ceil(chunk) as usize);
-    let mut at = 0;
-    while at < len {
-        let n = chunk.min(len - at);
-        out.push((offset + at, n));
-        at += n;
+/// `(offset, len)` pieces of at most `chunk` bytes covering a range, made as they are
+/// needed: with extended headers one trim may cover petabytes.
+#[derive(Clone, Copy, Debug)]
+struct Pieces {
+    at: u64,
+    end: u64,
+    chunk: u64,
+}
+
+impl Iterator for Pieces {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        if self.at >= self.end {
+            return None;
+        }
+        let n = self.chunk.min(self.end - self.at);
+        let piece = (self.at, n);
+        self.at += n;
+        Some(piece)
     }
-    out
+}
+
+/// The pieces of `len` bytes at `offset` (the range was checked not to overflow).
+fn split(offset: u64, len: u64, chunk: u64) -> Pieces {
+    Pieces {
+        at: offset,
+        end: offset + len,
+        chunk,
+    }
 }
 
 fn req_flags(h: &RequestHeader) -> ReqFlags {
@@ -353,7 +407,7 @@ impl Conn {
         let len = h.len;
         let req = match h.kind {
             CMD_READ => {
-                let chunk = chunk_size(info);
+                let chunk = chunk_size(info, true);
                 if len > chunk {
                     return self.spawn_pieces(h, split(h.offset, len, chunk), Vec::new());
                 }
@@ -361,7 +415,7 @@ impl Conn {
             }
             CMD_FLUSH => Request::flush(),
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                let chunk = chunk_size(info);
+                let chunk = chunk_size(info, false);
                 let fua_after = h.kind == CMD_TRIM && h.flags & CMD_FLAG_FUA != 0;
                 if len > chunk || fua_after {
                     return self.spawn_pieces(h, split(h.offset, len, chunk), Vec::new());
@@ -389,12 +443,7 @@ impl Conn {
         self.submit(h, req);
     }
 
-    fn start_write(
-        self: &Rc<Self>,
-        h: RequestHeader,
-        pieces: Vec<(u64, u64)>,
-        mut bufs: Vec<Buffer>,
-    ) {
+    fn start_write(self: &Rc<Self>, h: RequestHeader, pieces: Pieces, mut bufs: Vec<Buffer>) {
         if bufs.len() == 1 {
             let buf = bufs.pop().expect("BUG: one buffer");
             self.submit(h, Request::write(h.offset, buf, req_flags(&h)));
@@ -422,7 +471,7 @@ impl Conn {
     }
 
     /// Runs a request in sequential pieces in its own task.
-    fn spawn_pieces(self: &Rc<Self>, h: RequestHeader, pieces: Vec<(u64, u64)>, bufs: Vec<Buffer>) {
+    fn spawn_pieces(self: &Rc<Self>, h: RequestHeader, pieces: Pieces, bufs: Vec<Buffer>) {
         let held = held_by(&h);
         self.in_flight.set(self.in_flight.get() + 1);
         self.held.set(self.held.get() + held);
@@ -437,7 +486,7 @@ impl Conn {
     async fn run_pieces(
         &self,
         h: &RequestHeader,
-        pieces: Vec<(u64, u64)>,
+        pieces: Pieces,
         bufs: Vec<Buffer>,
     ) -> Result<Vec<Buffer>, Errno> {
         let flags = req_flags(h);
@@ -786,13 +835,13 @@ async fn write_loop(conn: Rc<Conn>) {
                 }
             }
         }
-        match send_all(conn.fd, g).await {
+        match send_all(conn.fd.as_raw_fd(), g).await {
             Ok(back) => g = back,
             Err(_) => {
                 conn.dead.set(true);
                 // Wake a reader blocked in recv: the connection is over.
                 // SAFETY: shutdown(2) on the connection's socket, still open.
-                unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+                unsafe { libc::shutdown(conn.fd.as_raw_fd(), libc::SHUT_RDWR) };
                 g = Gather::new();
             }
         }
@@ -809,9 +858,14 @@ mod tests {
 
     #[test]
     fn split_covers_the_range_in_chunks() {
-        assert_eq!(split(10, 5, 4), vec![(10, 4), (14, 1)]);
-        assert_eq!(split(0, 8, 4), vec![(0, 4), (4, 4)]);
-        assert_eq!(split(0, 3, 4), vec![(0, 3)]);
+        let all = |p: Pieces| p.collect::<Vec<_>>();
+        assert_eq!(all(split(10, 5, 4)), vec![(10, 4), (14, 1)]);
+        assert_eq!(all(split(0, 8, 4)), vec![(0, 4), (4, 4)]);
+        assert_eq!(all(split(0, 3, 4)), vec![(0, 3)]);
+        // Lazily: a petabyte in 32 MiB pieces is not a list of 2^25 entries.
+        let mut huge = split(0, 1 << 50, 32 << 20);
+        assert_eq!(huge.next(), Some((0, 32 << 20)));
+        assert_eq!(huge.last(), Some(((1 << 50) - (32 << 20), 32 << 20)));
     }
 
     #[test]

@@ -545,6 +545,12 @@ fn run_loop(core: &Core) {
             }
         }
         let busy = completions + ran + messages + timers_fired > 0 || core.executor.has_ready();
+        if windowed && completions < 2 {
+            // The window caught no batch: stop coalescing until a short sleep shows load
+            // again (a queue-depth-1 stream would otherwise keep every window open).
+            windowed = false;
+            slept = Duration::MAX;
+        }
         if mode == PollMode::Interrupt && !core.executor.has_ready() {
             // Coalesce only under load: after a window that caught work, or a sleep
             // shorter than the window. A lone request stream (queue depth 1, whose next

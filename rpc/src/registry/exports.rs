@@ -416,7 +416,7 @@ pub enum ExportDelMode {
     /// Refuse while clients are connected.
     #[default]
     Safe,
-    /// Disconnect the clients (their requests in flight finish first).
+    /// Disconnect the clients at once (requests already running finish, unanswered).
     Hard,
 }
 

@@ -140,7 +140,8 @@ pub fn table() -> Table {
     t.register(
         "block-export-del",
         "Removes an export: `safe` (default) refuses while clients are connected, `hard` \
-         disconnects them once their requests in flight finish. Emits BLOCK_EXPORT_DELETED.",
+         disconnects them (requests already running finish, unanswered). Emits \
+         BLOCK_EXPORT_DELETED once they have.",
         exports::block_export_del,
     );
     t.register(

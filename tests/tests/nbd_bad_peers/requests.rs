@@ -470,8 +470,9 @@ fn extended_headers_carry_64_bit_requests_and_replies() {
     assert!(again.is_error(), "{again:?}");
     c.go(EXPORT, &[]).expect("GO");
 
-    // A write: one extended chunk, DONE, type NONE, echoing cookie and offset.
-    let mut msg = extended(0, CMD_WRITE, 1, 8192, 4096);
+    // A write, its payload marked with NBD_CMD_FLAG_PAYLOAD_LEN as the spec asks of
+    // extended clients: one extended chunk, DONE, type NONE, echoing cookie and offset.
+    let mut msg = extended(1 << 5, CMD_WRITE, 1, 8192, 4096);
     msg.extend_from_slice(&[0x5a; 4096]);
     c.send(&msg);
     assert_eq!(extended_reply(&mut c), (1, 0, 1, 8192, 0));
