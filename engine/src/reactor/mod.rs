@@ -55,13 +55,14 @@ pub enum PollMode {
     Hybrid,
     /// Sleep whenever there is nothing to run. With a `coalesce` window, a loaded reactor
     /// (one whose last sleep was shorter than a quarter of the window) also waits that
-    /// long between passes (interrupt coalescing, as NICs do): a request-response stream
-    /// (an NBD connection at queue depth 32) is then handled in batches, one system call
-    /// per batch instead of per request. A throughput setting, not a default: measured
-    /// with fio's nbd engine on a null-co export (perf/README.md), 30 us took queue
-    /// depth 32 from 181k to 235k IOPS and server CPU per I/O from 4.3 to 2.3 us, cost
-    /// queue depth 1 about 5 us of latency, and cut queue depth 8 from 185k to 113k IOPS
-    /// (each window then waits out its time for a burst that has already arrived).
+    /// long between passes, for as long as each window catches a batch (interrupt
+    /// coalescing, as NICs do): a request-response stream (an NBD connection at queue
+    /// depth 32) is then handled in batches, one system call per batch instead of per
+    /// request. A throughput setting, not a default: measured with fio's nbd engine on a
+    /// null-co export (perf/README.md), 30 us took queue depth 32 from 181k to 219-235k
+    /// IOPS and server CPU per I/O from 4.3 to 2.3-2.7 us, left queue depth 1 as it was,
+    /// and cut queue depth 8 from 185k to 116k IOPS (each window then waits out its
+    /// time for a burst that has already arrived).
     Interrupt,
 }
 
