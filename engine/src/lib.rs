@@ -19,6 +19,7 @@
 //!   load without a lock on the data path.
 //! - [`reactor`]: reactors, the executor, the ring (with the ownership rules for memory
 //!   shared with the kernel), messages and replies, timers, poll modes.
+//! - [`job`]: QEMU's job state machine (statuses, transitions, verbs), for the jobs.
 //! - [`request`]: [`Request`] / [`Completion`]: owned requests that complete exactly once.
 //! - [`driver`]: the [`Driver`] / [`Queue`] interface and the request checks.
 //! - [`buffer`]: aligned buffers pooled per reactor.
@@ -30,6 +31,7 @@ pub mod driver;
 pub mod errno;
 pub mod error;
 pub mod graph;
+pub mod job;
 pub mod reactor;
 pub mod request;
 
