@@ -93,6 +93,8 @@ pub(super) struct Shared {
     pub(super) config: ServerConfig,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Why the accept loop stopped on its own (an unexpected `accept` error), if it did.
+    accept_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -222,6 +224,7 @@ impl NbdServer {
             config,
             inner: Mutex::new(Inner::default()),
             changed: Condvar::new(),
+            accept_error: Mutex::new(None),
         });
         let listener = Arc::new(listener);
         let reactors = engine.reactors();
@@ -258,6 +261,16 @@ impl NbdServer {
             .values()
             .filter(|c| c.export.as_deref() == Some(id))
             .count()
+    }
+
+    /// Why the server no longer accepts clients although it was not stopped (an
+    /// unexpected `accept` failure); `None` while it accepts.
+    pub fn accept_error(&self) -> Option<String> {
+        self.shared
+            .accept_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every connection, whether or not it has chosen an export yet.
@@ -381,6 +394,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, reactors: usiz
                 }
                 _ => {
                     eprintln!("strata: NBD server stops accepting: {e}");
+                    *shared
+                        .accept_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(format!("accept failed: {e}"));
                     return;
                 }
             },

@@ -497,6 +497,11 @@ pub struct NbdServerInfo {
     pub addr: Option<String>,
     /// Clients connected now.
     pub connections: usize,
+    /// Set if the server stopped accepting clients by itself (an unexpected `accept`
+    /// failure); existing clients are still served. `nbd-server-stop` and a new
+    /// `nbd-server-start` recover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 pub fn query_nbd_server(ctx: &mut Ctx, _: Empty) -> Result<NbdServerInfo, CommandError> {
@@ -505,6 +510,7 @@ pub fn query_nbd_server(ctx: &mut Ctx, _: Empty) -> Result<NbdServerInfo, Comman
             running: false,
             addr: None,
             connections: 0,
+            error: None,
         },
         Some(r) => NbdServerInfo {
             running: true,
@@ -513,6 +519,7 @@ pub fn query_nbd_server(ctx: &mut Ctx, _: Empty) -> Result<NbdServerInfo, Comman
                 Endpoint::Tcp(a) => a.to_string(),
             }),
             connections: r.server.connections(),
+            error: r.server.accept_error(),
         },
     })
 }
