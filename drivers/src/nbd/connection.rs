@@ -58,7 +58,7 @@ pub(super) async fn serve(shared: Arc<Shared>, id: u64, fd: Arc<OwnedFd>) {
     let session = negotiate(&shared, id, raw, &mut reader).await;
     negotiated.set(true);
     if let Some(session) = session {
-        transmission::run(session, reader, fd.clone()).await;
+        transmission::run(session, reader, fd).await;
     }
 }
 

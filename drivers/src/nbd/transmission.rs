@@ -181,17 +181,15 @@ async fn read_loop(conn: &Rc<Conn>, mut r: Reader) {
         if h.kind == CMD_DISC {
             return;
         }
-        if conn.extended && h.kind != CMD_WRITE && h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-            // A payload this server never offered (block status with payload): read
-            // past it so the next request is found, then refuse.
-            if h.len > u64::from(MAX_PAYLOAD) || r.skip(h.len).await.is_err() {
-                return;
-            }
-            conn.refuse(&h, EINVAL, "unexpected payload");
-            continue;
-        }
-        let checked = check(conn, &h, &info);
-        if h.kind == CMD_WRITE {
+        // A write carries its payload; with extended headers a flag may announce one on
+        // another command (block status with payload, which this server never offers).
+        let payload = h.kind == CMD_WRITE || (conn.extended && h.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+        let checked = if payload && h.kind != CMD_WRITE {
+            Err((EINVAL, "unexpected payload"))
+        } else {
+            check(conn, &h, &info)
+        };
+        if payload {
             if h.len > u64::from(MAX_PAYLOAD) {
                 return;
             }
@@ -452,11 +450,17 @@ impl Conn {
         }
     }
 
-    /// Starts a one-piece request; an immediate completion is answered at once.
-    fn submit(self: &Rc<Self>, h: RequestHeader, req: Request) {
-        let held = held_by(&h);
+    /// Counts a request as in flight (and the memory it holds); returns the bytes held.
+    fn begin(&self, h: &RequestHeader) -> usize {
+        let held = held_by(h);
         self.in_flight.set(self.in_flight.get() + 1);
         self.held.set(self.held.get() + held);
+        held
+    }
+
+    /// Starts a one-piece request; an immediate completion is answered at once.
+    fn submit(self: &Rc<Self>, h: RequestHeader, req: Request) {
+        let held = self.begin(&h);
         match self.blk.submit(req) {
             IoFuture::Ready(Some(c)) => self.complete(h, c, held),
             fut => {
@@ -472,23 +476,22 @@ impl Conn {
 
     /// Runs a request in sequential pieces in its own task.
     fn spawn_pieces(self: &Rc<Self>, h: RequestHeader, pieces: Pieces, bufs: Vec<Buffer>) {
-        let held = held_by(&h);
-        self.in_flight.set(self.in_flight.get() + 1);
-        self.held.set(self.held.get() + held);
+        let held = self.begin(&h);
         let task = Answer::new(self, h, held);
         reactor::spawn(async move {
             let result = task.conn().run_pieces(&h, pieces, bufs).await;
-            task.conn().complete_pieces(h, result, held);
+            task.conn().answer(&h, result, held);
             task.answered();
         });
     }
 
+    /// The pieces one after the other; a read's data is the pieces' buffers in order.
     async fn run_pieces(
         &self,
         h: &RequestHeader,
         pieces: Pieces,
         bufs: Vec<Buffer>,
-    ) -> Result<Vec<Buffer>, Errno> {
+    ) -> Result<Data, Errno> {
         let flags = req_flags(h);
         let mut out = Vec::new();
         let mut bufs = bufs.into_iter();
@@ -509,49 +512,47 @@ impl Conn {
         if h.kind == CMD_TRIM && h.flags & CMD_FLAG_FUA != 0 {
             self.blk.submit(Request::flush()).await.result?;
         }
-        Ok(out)
+        Ok(if h.kind == CMD_READ {
+            Data::Many(out)
+        } else {
+            Data::None
+        })
     }
 
-    fn complete(&self, h: RequestHeader, c: Completion, held: usize) {
-        let mut out = Header::new(self, &h);
-        let reply = match (c.result, h.kind) {
-            (Err(e), _) => {
-                self.release(held);
-                self.error_reply(&h, wire_error(e), e.name())
-            }
-            (Ok(()), CMD_READ) => {
-                let buf = c.req.buf.expect("BUG: read without its buffer");
-                out.read_ok(h.len);
-                out.reply(Data::One(buf, h.len as usize), held)
-            }
-            (Ok(()), CMD_BLOCK_STATUS) => {
+    /// Answers a one-piece request from its completion.
+    fn complete(&self, h: RequestHeader, mut c: Completion, held: usize) {
+        let data = c.result.map(|()| match h.kind {
+            CMD_READ => Data::One(
+                c.req.buf.take().expect("BUG: read without its buffer"),
+                h.len as usize,
+            ),
+            CMD_BLOCK_STATUS => {
                 let one = h.flags & CMD_FLAG_REQ_ONE != 0;
                 let descriptors = descriptors(&c.req, one, self.extended);
-                out.block_status(descriptors.len());
                 let len = descriptors.len();
-                out.reply(Data::One(Buffer::from_slice(&descriptors), len), 0)
+                Data::One(Buffer::from_slice(&descriptors), len)
             }
-            (Ok(()), _) => {
-                // A write's payload is freed with its request.
-                self.release(held);
-                out.done();
-                out.reply(Data::None, 0)
-            }
-        };
-        self.push(reply);
-        self.finished();
+            _ => Data::None,
+        });
+        self.answer(&h, data, held);
     }
 
-    fn complete_pieces(&self, h: RequestHeader, result: Result<Vec<Buffer>, Errno>, held: usize) {
-        let mut out = Header::new(self, &h);
+    /// Queues the reply of a finished request: `data` is what a successful read or
+    /// block status returns. Write payloads are freed here, read data once sent.
+    fn answer(&self, h: &RequestHeader, result: Result<Data, Errno>, held: usize) {
+        let mut out = Header::new(self, h);
         let reply = match result {
             Err(e) => {
                 self.release(held);
-                self.error_reply(&h, wire_error(e), e.name())
+                self.error_reply(h, wire_error(e), e.name())
             }
-            Ok(bufs) if h.kind == CMD_READ => {
+            Ok(data) if h.kind == CMD_READ => {
                 out.read_ok(h.len);
-                out.reply(Data::Many(bufs), held)
+                out.reply(data, held)
+            }
+            Ok(data @ Data::One(_, len)) if h.kind == CMD_BLOCK_STATUS => {
+                out.block_status(len);
+                out.reply(data, 0)
             }
             Ok(_) => {
                 self.release(held);

@@ -104,10 +104,10 @@ pub struct EngineConfig {
     pub poll_mode: PollMode,
     /// Hybrid mode: how long a reactor spins without work before it sleeps.
     pub idle_budget: Duration,
-    /// Interrupt mode: after a pass that did work, wait this long (or until
-    /// [`COALESCE_MAX_EVENTS`] completions) before the next pass, so work arriving in
-    /// the meantime is handled as one batch. Zero: handle every wake-up at once. See
-    /// [`PollMode::Interrupt`].
+    /// Interrupt mode: under load, wait this long (or until [`COALESCE_MAX_EVENTS`]
+    /// completions) between passes, so work arriving in the meantime is handled as one
+    /// batch. Zero: handle every wake-up at once. See [`PollMode::Interrupt`] for when a
+    /// reactor counts as loaded.
     pub coalesce: Duration,
     /// Submission queue entries per ring (the completion queue gets four times as many).
     pub ring_entries: u32,
@@ -553,9 +553,9 @@ fn run_loop(core: &Core) {
             slept = Duration::MAX;
         }
         if mode == PollMode::Interrupt && !core.executor.has_ready() {
-            // Coalesce only under load: after a window that caught work, or a sleep
-            // shorter than the window. A lone request stream (queue depth 1, whose next
-            // request comes a round trip later) is then never held back.
+            // Coalesce only under load: after a window that caught a batch, or a sleep
+            // shorter than a quarter of the window. A lone request stream (queue depth 1,
+            // whose next request comes a round trip later) is then not held back.
             if busy && !coalesce.is_zero() && (windowed || slept < coalesce / 4) {
                 // The batch window: submit, then let completions gather.
                 coalesce_window(core, coalesce);
