@@ -135,7 +135,7 @@ pub struct NbdServerStart {
     /// disconnected at once.
     #[serde(
         default,
-        deserialize_with = "opt_number",
+        deserialize_with = "options::opt_number",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::number_schema")]
@@ -143,7 +143,7 @@ pub struct NbdServerStart {
     /// Seconds a client has to finish the handshake (default 10; 0: no limit).
     #[serde(
         default,
-        deserialize_with = "opt_number",
+        deserialize_with = "options::opt_number",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::number_schema")]
@@ -154,14 +154,6 @@ pub struct NbdServerStart {
     /// Not supported (no TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
-}
-
-fn opt_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    options::number(d).map(Some)
-}
-
-fn opt_boolean<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    options::boolean(d).map(Some)
 }
 
 pub fn nbd_server_start(ctx: &mut Ctx, p: NbdServerStart) -> Result<Empty, CommandError> {
@@ -287,7 +279,7 @@ pub struct BlockExportAdd {
     /// Whether clients may write (default false).
     #[serde(
         default,
-        deserialize_with = "opt_boolean",
+        deserialize_with = "options::opt_boolean",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::boolean_schema")]
@@ -295,7 +287,7 @@ pub struct BlockExportAdd {
     /// Not supported when true (flush after every write).
     #[serde(
         default,
-        deserialize_with = "opt_boolean",
+        deserialize_with = "options::opt_boolean",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::boolean_schema")]
@@ -307,7 +299,7 @@ pub struct BlockExportAdd {
     /// Accepted for compatibility and ignored (see `iothread`).
     #[serde(
         default,
-        deserialize_with = "opt_boolean",
+        deserialize_with = "options::opt_boolean",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::boolean_schema")]
@@ -315,7 +307,7 @@ pub struct BlockExportAdd {
     /// Accepted for compatibility: Strata has no inactive nodes.
     #[serde(
         default,
-        deserialize_with = "opt_boolean",
+        deserialize_with = "options::opt_boolean",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::boolean_schema")]
@@ -326,7 +318,7 @@ pub struct BlockExportAdd {
     /// `qemu:allocation-depth`: not supported yet (must be false).
     #[serde(
         default,
-        deserialize_with = "opt_boolean",
+        deserialize_with = "options::opt_boolean",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(schema_with = "options::boolean_schema")]
