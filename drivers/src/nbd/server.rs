@@ -321,9 +321,7 @@ impl NbdServer {
     /// requests in flight in the background: see [`NbdServer::wait_idle`] and
     /// [`NbdServer::connections_of`].
     pub fn shut_down(&mut self) -> Vec<ExportSpec> {
-        self.shared.lock().stopping = true;
-        // SAFETY: shutdown(2) on the listening socket we own: the pending accept fails.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        self.stop_accepting();
         if let Some(accepting) = self.accepting.take() {
             let _ = accepting.wait();
         }
@@ -343,12 +341,19 @@ impl NbdServer {
     }
 }
 
+impl NbdServer {
+    /// Marks the server stopping and makes the pending accept fail.
+    fn stop_accepting(&self) {
+        self.shared.lock().stopping = true;
+        // SAFETY: shutdown(2) on the listening socket we own.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
 impl Drop for NbdServer {
     fn drop(&mut self) {
         if self.accepting.is_some() {
-            self.shared.lock().stopping = true;
-            // SAFETY: as in stop().
-            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+            self.stop_accepting();
         }
     }
 }
